@@ -1,0 +1,45 @@
+# glmjax: every target creates/uses the virtual environment $(VENV) itself.
+#   make test        the whole suite on an 8-device CPU-simulated mesh
+#   make demo        the main job on an embedded default
+#   make info PRESET=glm-130b
+#   make forward CHECKPOINT=dir CONFIG=cfg.json INPUTS=in.npz OUTPUT=out.npz [MESH=data=2,tensor=4]
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.glmjax-installed
+CPU_MESH := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast lint demo info forward clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,lint]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(CPU_MESH) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(CPU_MESH) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check glmjax tests tools
+
+demo: $(STAMP)
+	$(CPU_MESH) $(PY) tools/demo.py
+
+PRESET ?= glm-130b
+info: $(STAMP)
+	$(PY) -m glmjax info --preset $(PRESET)
+
+forward: $(STAMP)
+	$(CPU_MESH) $(PY) -m glmjax forward --checkpoint $(CHECKPOINT) --config $(CONFIG) \
+		--inputs $(INPUTS) --output $(OUTPUT) $(if $(MESH),--mesh $(MESH)) $(if $(DTYPE),--dtype $(DTYPE))
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

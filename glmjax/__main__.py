@@ -1,0 +1,5 @@
+import sys
+
+from glmjax.cli import main
+
+sys.exit(main())

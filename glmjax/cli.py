@@ -1,0 +1,145 @@
+"""`glmjax` command line: info | forward. Bad input ends in one `glmjax: error: ...` line, exit 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+from glmjax import config as C
+from glmjax.errors import GlmjaxError, InputError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--preset", choices=sorted(C.PRESETS), help="a built-in configuration")
+    g.add_argument("--config", help="a JSON or YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    cfg = C.resolve(a.preset, a.config, a.overrides)
+    print("configuration:")
+    for k, v in cfg.to_dict().items():
+        print(f"  {k}: {v}")
+    print(f"  (head_dim: {cfg.head_dim}, deepnorm_alpha: {cfg.deepnorm_alpha:.6f})")
+    counts = cfg.param_counts()
+    total = sum(counts.values())
+    print(f"parameters: {total:,}")
+    for k, n in counts.items():
+        print(f"  {k}: {n:,}")
+    print("parameter bytes:")
+    for dt, size in (("float32", 4), ("bfloat16", 2), ("float16", 2)):
+        mark = "  <- param_dtype" if dt == cfg.param_dtype else ""
+        print(f"  {dt}: {total * size:,} ({_human(total * size)}){mark}")
+    return 0
+
+
+def _load_inputs(path: str) -> dict:
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise InputError(f"inputs file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise InputError(f"cannot read inputs {path}: not a valid .npz ({e})") from None
+
+
+def _atomic_savez(path: str, arrays: dict) -> None:
+    """Write to a temporary file beside `path`, rename into place only when complete."""
+    import numpy as np
+
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"output directory does not exist: {out_dir}")
+    tmp = os.path.join(out_dir, f".{os.path.basename(path)}.tmp-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cmd_forward(a: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from glmjax.convert.sat import read_sat_checkpoint
+    from glmjax.model import api
+    from glmjax.parallel.mesh import make_mesh
+
+    cfg = C.resolve(None, a.config, a.overrides)
+    if a.dtype:
+        cfg = cfg.replace(dtype=a.dtype)
+    if cfg.dtype == "float32":  # no TF32 / bf16 passes in matmuls when comparing implementations
+        jax.config.update("jax_default_matmul_precision", "highest")
+    arrays = _load_inputs(a.inputs)
+    batch = {k: v for k, v in arrays.items() if k in api.INPUT_NAMES}
+    ignored = sorted(set(arrays) - set(batch))
+    api.validate_batch(cfg, batch)
+    mesh = make_mesh(a.mesh)
+    t0 = time.perf_counter()
+    params = api.shard_params(read_sat_checkpoint(a.checkpoint, cfg), cfg, mesh)
+    t1 = time.perf_counter()
+    fwd = api.make_forward(cfg, mesh, collect_hidden=a.hidden_states)
+    logits, per_layer = fwd(params, batch)
+    logits = np.asarray(jax.device_get(logits), np.float32)
+    t2 = time.perf_counter()
+    out = {"logits": logits}
+    if a.hidden_states:
+        hs = np.asarray(jax.device_get(per_layer["hidden_states"]), np.float32)
+        out.update({f"hidden_states_layer{i}": hs[i] for i in range(cfg.num_layers)})
+    _atomic_savez(a.output, out)
+    print(f"wrote {a.output}: logits {list(logits.shape)} float32, max|logit| {np.abs(logits).max():.6g} "
+          f"(mesh {dict(mesh.shape)}, dtype {cfg.dtype}; load {t1 - t0:.2f} s, forward {t2 - t1:.2f} s)"
+          + (f"; ignored input arrays: {', '.join(ignored)}" if ignored else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glmjax", description="GLM-130B in JAX: inspect, run, compare.")
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print a resolved configuration, its parameter count and bytes")
+    _config_args(info)
+    info.set_defaults(func=cmd_info)
+    fw = sub.add_parser("forward", help="run a checkpoint on inputs from an .npz, write logits")
+    fw.add_argument("--checkpoint", required=True, help="SAT checkpoint directory (with 'latest')")
+    fw.add_argument("--config", required=True, help="model config (JSON/YAML)")
+    fw.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    fw.add_argument("--inputs", required=True,
+                    help="npz: tokens [b,s], position_ids [b,s] or [b,2,s], and attention_mask "
+                         "[b,1,s,s] bool (True = blocked) or prefix_mask/segment_ids [b,s]")
+    fw.add_argument("--output", required=True, help="npz to write: logits [b,s,vocab] float32")
+    fw.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (-1 fills); default one device")
+    fw.add_argument("--dtype", choices=C.FLOAT_DTYPES, default=None, help="compute dtype")
+    fw.add_argument("--hidden-states", action="store_true", help="also write hidden_states_layer{i}")
+    fw.set_defaults(func=cmd_forward)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GlmjaxError as e:
+        print(f"glmjax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("glmjax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

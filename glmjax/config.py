@@ -1,0 +1,246 @@
+"""GLM model configuration: one frozen dataclass, named presets, JSON/YAML files and key=value overrides.
+
+Field names follow the GLM-130B / SAT / ChatGLM ecosystem so that a SAT or Hugging Face config
+reads over directly. The config is passed explicitly to every module; there is no global config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+from glmjax.errors import ConfigError
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+# Keys that SAT checkpoints' configs and ../shared/reference's make_reference.py write beside the
+# model fields. They describe how a file was produced, not the model, so loading accepts and drops them.
+GENERATOR_KEYS = frozenset({
+    "seed", "weight_std_scale", "embedding_std", "gmask_id", "sop_id", "seq_len",
+    "context_text_lengths", "decode_context_text_length", "decode_steps", "decode_mode",
+    "decode_batch", "tp",
+})
+
+# `rotary_mode` (make_reference.py) names the SAT version whose rotary tables to reproduce.
+ROTARY_MODES = {"sat0.2": "float16", "sat0.4": "float32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GLMConfig:
+    """Architecture and numerics of a GLM model (GLM-130B, ChatGLM-6B, or a small one)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    inner_hidden_size: int  # per GLU branch for GeGLU; the MLP width otherwise
+    vocab_size: int
+    max_sequence_length: int = 2048
+    layernorm_epsilon: float = 1e-5
+    position_encoding_2d: bool = False  # ChatGLM's 2-D rotary (positions + block positions)
+    glu: bool = True  # GeGLU with exact-erf gelu (GLM-130B); False: plain MLP with tanh gelu (ChatGLM)
+    tie_word_embeddings: bool = True  # output head = word embedding (GLM-130B); False: lm_head
+    rotary_dtype: str = "float16"  # tables as GLM-130B's released fp16 model computes them
+    rotary_base: float = 10000.0
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of matmuls; norms and softmax always run in float32
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    embedding_grad_shrink: float = 1.0  # alpha of embedding gradient shrink; 1.0 = off
+    remat_policy: str = "none"
+    init_std: float | None = None  # embedding init std; None: sqrt(1/(3*hidden)) (GLM-130B's 0.0052)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # --- derived quantities -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        """DeepNorm residual scale: the residual adds the normalised input times sqrt(2N)."""
+        return math.sqrt(2.0 * self.num_layers)
+
+    @property
+    def embedding_init_std(self) -> float:
+        return self.init_std if self.init_std is not None else math.sqrt(1.0 / (3 * self.hidden_size))
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter count per tensor family, from the shapes alone."""
+        h, f, v, n = self.hidden_size, self.inner_hidden_size, self.vocab_size, self.num_layers
+        wi = (2 if self.glu else 1) * f
+        per_layer = {
+            "layernorms": 4 * h,
+            "query_key_value": 3 * h * h + 3 * h,
+            "dense": h * h + h,
+            "dense_h_to_4h": h * wi + wi,
+            "dense_4h_to_h": f * h + h,
+        }
+        counts = {"word_embeddings": v * h, "final_layernorm": 2 * h}
+        counts.update({k: n * c for k, c in per_layer.items()})
+        if not self.tie_word_embeddings:
+            counts["lm_head"] = v * h
+        return counts
+
+    def num_params(self) -> int:
+        return sum(self.param_counts().values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "GLMConfig":
+        return from_dict({**self.to_dict(), **changes})
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(msg)
+
+
+def _validate(c: GLMConfig) -> None:
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size",
+                 "vocab_size", "max_sequence_length"):
+        v = getattr(c, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            _fail(f"config: {name} must be a positive integer, got {v!r}")
+    if c.hidden_size % c.num_attention_heads:
+        _fail(f"config: num_attention_heads={c.num_attention_heads} does not divide "
+              f"hidden_size={c.hidden_size}")
+    rot_unit = 4 if c.position_encoding_2d else 2
+    if c.head_dim % rot_unit:
+        _fail(f"config: head dim {c.head_dim} must be a multiple of {rot_unit} for "
+              f"{'2-D' if c.position_encoding_2d else '1-D'} rotary")
+    for name in ("rotary_dtype", "param_dtype", "dtype"):
+        if getattr(c, name) not in FLOAT_DTYPES:
+            _fail(f"config: {name} must be one of {', '.join(FLOAT_DTYPES)}, got {getattr(c, name)!r}")
+    if c.remat_policy not in REMAT_POLICIES:
+        _fail(f"config: remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {c.remat_policy!r}")
+    if not (isinstance(c.layernorm_epsilon, (int, float)) and c.layernorm_epsilon > 0):
+        _fail(f"config: layernorm_epsilon must be > 0, got {c.layernorm_epsilon!r}")
+    for name in ("hidden_dropout", "attention_dropout"):
+        v = getattr(c, name)
+        if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+            _fail(f"config: {name} must be in [0, 1), got {v!r}")
+    if not (isinstance(c.embedding_grad_shrink, (int, float)) and 0.0 <= c.embedding_grad_shrink <= 1.0):
+        _fail(f"config: embedding_grad_shrink must be in [0, 1], got {c.embedding_grad_shrink!r}")
+    if c.rotary_base <= 1:
+        _fail(f"config: rotary_base must be > 1, got {c.rotary_base!r}")
+    for name in ("position_encoding_2d", "glu", "tie_word_embeddings"):
+        if not isinstance(getattr(c, name), bool):
+            _fail(f"config: {name} must be true or false, got {getattr(c, name)!r}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # GLM-130B (configs/model_glm_130b.sh): 128,697,794,560 parameters.
+    "glm-130b": dict(num_layers=70, hidden_size=12288, num_attention_heads=96,
+                     inner_hidden_size=32768, vocab_size=150528, max_sequence_length=2048,
+                     param_dtype="float16", dtype="float16", embedding_grad_shrink=0.1,
+                     remat_policy="full"),
+    # ChatGLM-6B (Hugging Face THUDM/chatglm-6b, vocabulary after the 2023-04 image-token removal).
+    "chatglm-6b": dict(num_layers=28, hidden_size=4096, num_attention_heads=32,
+                       inner_hidden_size=16384, vocab_size=130528, max_sequence_length=2048,
+                       position_encoding_2d=True, glu=False, tie_word_embeddings=False,
+                       param_dtype="float16", dtype="float16"),
+    # The reference fixtures' size (../shared/reference): 2 layers, hidden 64, GLU inner 170.
+    "glm-tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=170,
+                     vocab_size=1024, max_sequence_length=64),
+    # Every dimension divisible by 8: sharding tests on any 8-device mesh.
+    "glm-test": dict(num_layers=2, hidden_size=64, num_attention_heads=8, inner_hidden_size=128,
+                     vocab_size=1024, max_sequence_length=128),
+    # A few million parameters: the CPU demo.
+    "glm-small": dict(num_layers=4, hidden_size=256, num_attention_heads=8, inner_hidden_size=688,
+                      vocab_size=8192, max_sequence_length=256),
+    # ~1.2B parameters for single-accelerator benchmarks.
+    "glm-1b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, inner_hidden_size=5504,
+                   vocab_size=50304, max_sequence_length=2048, param_dtype="float32",
+                   dtype="bfloat16"),
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(GLMConfig)}
+
+
+def from_dict(d: Mapping[str, Any], *, source: str = "config") -> GLMConfig:
+    """Build a config from a mapping; unknown keys are an error, `rotary_mode` is translated."""
+    d = {k: v for k, v in d.items() if k not in GENERATOR_KEYS}
+    if "rotary_mode" in d:
+        mode = d.pop("rotary_mode")
+        if mode not in ROTARY_MODES:
+            _fail(f"{source}: rotary_mode must be one of {', '.join(ROTARY_MODES)}, got {mode!r}")
+        d.setdefault("rotary_dtype", ROTARY_MODES[mode])
+    unknown = sorted(set(d) - set(_FIELDS))
+    if unknown:
+        _fail(f"{source}: unknown config key {unknown[0]!r} (known keys: {', '.join(_FIELDS)})")
+    missing = [n for n, f in _FIELDS.items() if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and n not in d]
+    if missing:
+        _fail(f"{source}: missing required config key {missing[0]!r}")
+    d = {k: _coerce(k, v, source) for k, v in d.items()}
+    return GLMConfig(**d)
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Accept ints for float fields (JSON writes 1e-05 as a float, YAML may write 1 as an int)."""
+    kind = _FIELDS[key].type
+    if kind in ("float", "float | None") and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind == "int" and not isinstance(value, int):
+        _fail(f"{source}: {key} must be an integer, got {value!r}")
+    if kind == "str" and not isinstance(value, str):
+        _fail(f"{source}: {key} must be a string, got {value!r}")
+    return value
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Parse `key=value` strings; values are YAML scalars (ints, floats, booleans, strings)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            _fail(f"override {item!r} is not of the form key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a JSON or YAML config file into a dict (one clear error if it is not one)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        _fail(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        _fail(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+              f"{str(e).splitlines()[0]}")
+    if not isinstance(data, dict):
+        _fail(f"config file {path} must hold a mapping of keys to values")
+    if isinstance(data.get("model"), dict):  # experiment files keep the model under `model:`
+        data = data["model"]
+    return data
+
+
+def resolve(preset: str | None = None, path: str | None = None,
+            overrides: Sequence[str] | Mapping[str, Any] = ()) -> GLMConfig:
+    """Preset or file, then overrides: the one way every entry point builds a config."""
+    if (preset is None) == (path is None):
+        _fail("give exactly one of a preset name or a config file")
+    if preset is not None:
+        if preset not in PRESETS:
+            _fail(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        base, source = dict(PRESETS[preset]), f"preset {preset}"
+    else:
+        base, source = load_file(path), path
+    extra = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    return from_dict({**base, **extra}, source=source)
