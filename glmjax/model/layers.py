@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from glmjax.config import GLMConfig
 
@@ -62,24 +63,48 @@ class LayerNorm(nn.Module):
 
 
 # --- rotary -----------------------------------------------------------------------------------
-def rotary_cos_sin(positions: Array, dim: int, base: float, table_dtype: str) -> tuple[Array, Array]:
-    """cos/sin [..., dim] for integer positions, half-rotation layout (emb = concat(freqs, freqs)).
+@functools.lru_cache(maxsize=16)
+def rotary_table(dim: int, base: float, table_dtype: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [length, dim/2] float32 for positions 0..length-1 (half-rotation frequencies).
 
-    With table_dtype float16 the numbers are those of SAT 0.2.12 in GLM-130B's fp16 model: inv_freq,
-    the position, the angle position*inv_freq and cos/sin are each rounded to float16. Returned as f32.
+    With table_dtype float16 these are SAT 0.2.12's numbers in GLM-130B's fp16 model: inv_freq,
+    the position, the angle position*inv_freq and cos/sin are each rounded to float16. Built on the
+    host: float64 -> float32 -> float16 as torch's float16 kernels do (XLA's own float32 sin/cos
+    differ by an ulp often enough to flip float16 roundings). torch's float16 sin sends values that
+    sit exactly on a float16 tie toward zero (cos: to even); so do we, so the tables match torch bit
+    for bit (tests/test_layers.py checks every entry).
     """
-    inv_freq = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    pos = positions.astype(jnp.float32)
+    expo = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = np.float32(1.0) / (np.float64(base) ** expo.astype(np.float64)).astype(np.float32)
+    pos = np.arange(length, dtype=np.float32)
     if table_dtype == "float16":
-        inv_freq = inv_freq.astype(jnp.float16).astype(jnp.float32)
-        pos = pos.astype(jnp.float16).astype(jnp.float32)
-        # the product of two f16 numbers is exact in f32; one rounding to f16 = torch's f16 multiply
-        angle = (pos[..., None] * inv_freq).astype(jnp.float16).astype(jnp.float32)
-        cos = jnp.cos(angle).astype(jnp.float16).astype(jnp.float32)
-        sin = jnp.sin(angle).astype(jnp.float16).astype(jnp.float32)
-    else:
-        angle = pos[..., None] * inv_freq
-        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        inv_freq = inv_freq.astype(np.float16).astype(np.float32)
+        pos = pos.astype(np.float16).astype(np.float32)
+    # the product of two float16 numbers is exact in float32: one rounding, as torch's f16 multiply
+    angle = pos[:, None] * inv_freq[None, :]
+    if table_dtype == "float16":
+        angle = angle.astype(np.float16)
+    angle = angle.astype(np.float64)
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    if table_dtype == "float16":
+        cos, sin = cos.astype(np.float16), _f16_ties_toward_zero(sin)
+    return cos.astype(np.float32), sin.astype(np.float32)
+
+
+def _f16_ties_toward_zero(x: np.ndarray) -> np.ndarray:
+    """float32 -> float16, round to nearest with exact ties resolved toward zero."""
+    r = x.astype(np.float16)
+    toward0 = np.nextafter(r, np.float16(0))
+    away = np.abs(r.astype(np.float32)) > np.abs(x)
+    tie = away & ((r.astype(np.float32) - x) == (x - toward0.astype(np.float32)))
+    return np.where(tie, toward0, r)
+
+
+def rotary_cos_sin(position_ids: Array, dim: int, cfg: GLMConfig) -> tuple[Array, Array]:
+    """cos/sin [..., dim] for integer positions: a lookup in the table, as SAT's F.embedding does."""
+    cos_t, sin_t = rotary_table(dim, cfg.rotary_base, cfg.rotary_dtype, cfg.max_sequence_length)
+    pos = jnp.clip(position_ids, 0, cfg.max_sequence_length - 1)
+    cos, sin = jnp.take(jnp.asarray(cos_t), pos, axis=0), jnp.take(jnp.asarray(sin_t), pos, axis=0)
     return jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)
 
 
@@ -99,12 +124,12 @@ def apply_rotary(x: Array, position_ids: Array, cfg: GLMConfig) -> Array:
         d = x.shape[-1] // 2
         halves = []
         for i in range(2):
-            cos, sin = rotary_cos_sin(position_ids[:, i], d, cfg.rotary_base, cfg.rotary_dtype)
+            cos, sin = rotary_cos_sin(position_ids[:, i], d, cfg)
             part = xf[..., i * d:(i + 1) * d]
             halves.append(part * cos[:, :, None] + _rotate_half(part) * sin[:, :, None])
         out = jnp.concatenate(halves, -1)
     else:
-        cos, sin = rotary_cos_sin(position_ids, x.shape[-1], cfg.rotary_base, cfg.rotary_dtype)
+        cos, sin = rotary_cos_sin(position_ids, x.shape[-1], cfg)
         out = xf * cos[:, :, None] + _rotate_half(xf) * sin[:, :, None]
     return out.astype(x.dtype)
 
