@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from glmjax import config as C
 from glmjax.errors import GlmjaxError, InputError

@@ -9,7 +9,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from glmjax.errors import ConfigError
 
@@ -92,7 +93,7 @@ class GLMConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "GLMConfig":
+    def replace(self, **changes: Any) -> GLMConfig:
         return from_dict({**self.to_dict(), **changes})
 
 
@@ -182,8 +183,13 @@ def from_dict(d: Mapping[str, Any], *, source: str = "config") -> GLMConfig:
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
-    """Accept ints for float fields (JSON writes 1e-05 as a float, YAML may write 1 as an int)."""
+    """Accept ints and numeric text for float fields, integral floats for int fields."""
     kind = _FIELDS[key].type
+    if kind in ("float", "float | None") and isinstance(value, str):  # YAML 1.1 reads 1e-6 as text
+        try:
+            return float(value)
+        except ValueError:
+            _fail(f"{source}: {key} must be a number, got {value!r}")
     if kind in ("float", "float | None") and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind == "int" and isinstance(value, float) and value.is_integer():

@@ -12,7 +12,7 @@ from glmjax.model.layers import blocked_from_layout
 from glmjax.model.layouts import CHATGLM6B_IDS, GLM130B_IDS, batch_layout, dense_mask, lengths_layout
 from glmjax.parallel.mesh import make_mesh
 
-I = GLM130B_IDS
+G = GLM130B_IDS
 
 
 def glm130b_rule(seq, mask_position, context_length, gmask):
@@ -38,25 +38,25 @@ def chatglm_rule(seq, mask_position, sop_index):
 
 
 ROWS = [
-    [11, 12, 13, I.gmask, I.sop, 21, 22, 23],  # [gMASK], continuation
-    [11, 12, 13, 14, 15, 16, I.gmask, I.sop],  # [gMASK], longer prompt, nothing generated yet
-    [11, I.mask, 12, 13, I.sop, 31, 32],  # [MASK] in the middle
-    [11, 12, I.smask, I.sop, 41],  # [sMASK] at the end
-    [11, I.smask, 12, I.mask, 13, I.sop, 51, 52, 53],  # [MASK] wins over [sMASK]
+    [11, 12, 13, G.gmask, G.sop, 21, 22, 23],  # [gMASK], continuation
+    [11, 12, 13, 14, 15, 16, G.gmask, G.sop],  # [gMASK], longer prompt, nothing generated yet
+    [11, G.mask, 12, 13, G.sop, 31, 32],  # [MASK] in the middle
+    [11, 12, G.smask, G.sop, 41],  # [sMASK] at the end
+    [11, G.smask, 12, G.mask, 13, G.sop, 51, 52, 53],  # [MASK] wins over [sMASK]
 ]
 
 
 def test_1d_layouts_follow_glm130b_rules_per_row_with_right_padding():
-    lay = batch_layout(ROWS, I, seq_len=10)
+    lay = batch_layout(ROWS, G, seq_len=10)
     dense = dense_mask(lay["prefix_mask"], lay["segment_ids"])
     for b, row in enumerate(ROWS):
-        n, sop = len(row), row.index(I.sop)
-        kind = I.mask if I.mask in row else I.smask if I.smask in row else I.gmask
-        want_mask, want_pos = glm130b_rule(row, row.index(kind), sop + 1, kind == I.gmask)
+        n, sop = len(row), row.index(G.sop)
+        kind = G.mask if G.mask in row else G.smask if G.smask in row else G.gmask
+        want_mask, want_pos = glm130b_rule(row, row.index(kind), sop + 1, kind == G.gmask)
         np.testing.assert_array_equal(lay["tokens"][b, :n], row)
         np.testing.assert_array_equal(lay["position_ids"][b, :n], want_pos)
         np.testing.assert_array_equal(dense[b, 0, :n, :n], want_mask)
-        assert (lay["tokens"][b, n:] == I.pad).all() and (lay["segment_ids"][b, n:] == 0).all()
+        assert (lay["tokens"][b, n:] == G.pad).all() and (lay["segment_ids"][b, n:] == 0).all()
         assert dense[b, 0, :n, n:].all()  # real tokens never see padding
 
 
@@ -77,7 +77,7 @@ def test_2d_layout_follows_chatglm_rules_with_left_padding():
 
 
 def test_jitted_mask_equals_dense_builder():
-    lay = batch_layout(ROWS, I, seq_len=10)
+    lay = batch_layout(ROWS, G, seq_len=10)
     packed_seg = np.array([[1] * 4 + [2] * 5 + [0]])  # two packed samples and a pad
     packed_pre = np.array([[1, 1, 0, 0, 1, 1, 1, 0, 0, 0]], bool)
     for pre, seg in ((lay["prefix_mask"], lay["segment_ids"]), (packed_pre, packed_seg)):
@@ -106,7 +106,7 @@ def _run(model, params, **inputs):
 def test_compact_layout_equals_dense_mask_in_the_model(model_and_params):
     model, params = model_and_params
     lay = batch_layout([[11, 12, 13, 1001, 901, 21, 22], [11, 900, 12, 901, 31]],
-                       I.__class__(mask=900, gmask=1001, smask=902, sop=901), seq_len=8)
+                       G.__class__(mask=900, gmask=1001, smask=902, sop=901), seq_len=8)
     compact = _run(model, params, tokens=lay["tokens"], position_ids=lay["position_ids"],
                    prefix_mask=lay["prefix_mask"], segment_ids=lay["segment_ids"])
     dense = _run(model, params, tokens=lay["tokens"], position_ids=lay["position_ids"],
@@ -117,7 +117,7 @@ def test_compact_layout_equals_dense_mask_in_the_model(model_and_params):
 def test_packed_samples_attend_only_within_themselves(model_and_params):
     """Two samples packed in one row (block-diagonal) give the logits each gives alone."""
     model, params = model_and_params
-    ids = I.__class__(mask=900, gmask=1001, smask=902, sop=901)
+    ids = G.__class__(mask=900, gmask=1001, smask=902, sop=901)
     a, b = [11, 12, 900, 13, 901, 21, 22], [14, 15, 16, 1001, 901, 23]
     alone = [batch_layout([r], ids) for r in (a, b)]
     logits_alone = [_run(model, params, tokens=x["tokens"], position_ids=x["position_ids"],
@@ -135,10 +135,10 @@ def test_packed_samples_attend_only_within_themselves(model_and_params):
 
 def test_layout_errors_are_one_clear_line():
     with pytest.raises(InputError, match=r"needs a \[sop\]"):
-        batch_layout([[1, 2, I.gmask]], I)
+        batch_layout([[1, 2, G.gmask]], G)
     with pytest.raises(InputError, match="needs a \\[MASK\\], \\[sMASK\\] or \\[gMASK\\]"):
-        batch_layout([[1, 2, I.sop, 3]], I)
+        batch_layout([[1, 2, G.sop, 3]], G)
     with pytest.raises(InputError, match="does not fit seq_len=3"):
-        batch_layout([[1, I.gmask, I.sop, 3]], I, seq_len=3)
+        batch_layout([[1, G.gmask, G.sop, 3]], G, seq_len=3)
     with pytest.raises(InputError, match="padding"):
-        batch_layout([[1, I.gmask, I.sop]], I, padding="middle")
+        batch_layout([[1, G.gmask, G.sop]], G, padding="middle")

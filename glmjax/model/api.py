@@ -4,7 +4,8 @@ a mesh, and a jitted forward with explicit in/out shardings. Parameters are a pl
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -103,13 +104,15 @@ def validate_batch(cfg: GLMConfig, batch: Batch) -> None:
     pos = np.asarray(batch["position_ids"])
     want = (b, 2, s) if cfg.position_encoding_2d else (b, s)
     if pos.shape != want or not np.issubdtype(pos.dtype, np.integer):
-        raise InputError(f"position_ids must be integer {list(want)} for "
-                         f"{'2-D' if cfg.position_encoding_2d else '1-D'} rotary, got {pos.dtype} {list(pos.shape)}")
+        kind = "2-D" if cfg.position_encoding_2d else "1-D"
+        raise InputError(f"position_ids must be integer {list(want)} for {kind} rotary, "
+                         f"got {pos.dtype} {list(pos.shape)}")
     if pos.min() < 0:
         raise InputError("position_ids must be >= 0")
     if "attention_mask" in batch:
         m = np.asarray(batch["attention_mask"])
-        if m.dtype != bool or m.ndim != 4 or m.shape[1] != 1 or m.shape[2:] != (s, s) or m.shape[0] not in (1, b):
+        if (m.dtype != bool or m.ndim != 4 or m.shape[1] != 1 or m.shape[2:] != (s, s)
+                or m.shape[0] not in (1, b)):
             raise InputError(f"attention_mask must be bool [{b}, 1, {s}, {s}] with True = blocked, "
                              f"got {m.dtype} {list(m.shape)}")
     for k in ("prefix_mask", "segment_ids"):

@@ -66,7 +66,10 @@ class GLM(nn.Module):
         b, s = tokens.shape
         emb = _param(self, "word_embeddings", nn.initializers.normal(cfg.embedding_init_std),
                      (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
-        x = jnp.take(emb, tokens, axis=0).astype(cdt)
+        # gather rows from a table whose embed dim is whole (FSDP all-gathers it, as for any weight
+        # about to be used); leaving it fsdp-sharded makes the partitioner replicate the lookup
+        table = nn.with_logical_constraint(emb, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(cdt)
         alpha = cfg.embedding_grad_shrink if egs_alpha is None else egs_alpha
         x = shrink_gradient(x, jnp.asarray(alpha, jnp.float32))
         x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)

@@ -16,7 +16,7 @@ Rules (GLM-130B generate.py get_masks_and_position_ids; ChatGLM-6B get_position_
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -1,7 +1,7 @@
 """Device meshes from a spec such as `data=2,fsdp=2,tensor=2` (`-1` fills the rest), Auto axis types."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh
@@ -30,7 +30,8 @@ def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
         try:
             n = int(raw)
         except ValueError:
-            raise MeshError(f"mesh spec {spec!r}: size of {name!r} is not an integer: {raw.strip()!r}") from None
+            raise MeshError(f"mesh spec {spec!r}: size of {name!r} is not an integer: "
+                            f"{raw.strip()!r}") from None
         if n == -1:
             if fill is not None:
                 raise MeshError(f"mesh spec {spec!r}: only one axis may be -1")
