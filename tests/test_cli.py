@@ -72,6 +72,7 @@ def _bad_tokens():
     ({"attention_mask": np.zeros((2, 24, 24), bool)}, "attention_mask must be bool [2, 1, 24, 24]"),
     ({"position_ids": np.zeros((2, 2, 24), np.int64)}, "position_ids must be integer [2, 24] for 1-D rotary"),
     ({"position_ids": None}, "inputs need 'tokens' [b, s] and 'position_ids'"),
+    ({"position_ids": np.full((2, 24), 64)}, "position_ids must lie in [0, 64)"),
     ({"mesh": "data=3"}, "needs 3 devices, but"),
     ({"mesh": "fsdp=2,tensor=4"}, "dimension 2 (size 170) is not divisible by mesh axis 'tensor'"),
     ({"mesh": "data=8"}, "batch size 2 is not divisible by the data parallelism data*fsdp=8"),

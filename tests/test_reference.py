@@ -73,3 +73,16 @@ def test_rotary_table_dtype_is_visible_in_the_logits(tiny_cases):
                     attention_mask=ref["attention_mask"])
     err = np.abs(logits - ref["logits"]).max() / np.abs(ref["logits"]).max()
     assert err > 1e-5
+
+
+@pytest.mark.parametrize("dtype, max_rel", [("float16", 1e-3), ("bfloat16", 1e-2)])
+def test_half_precision_compute_stays_close_to_float32(dtype, max_rel):
+    """float16/bfloat16 matmuls (norms and softmax stay float32) on the long case: close to SAT's
+    float32 logits and the same argmax everywhere. A sanity bound, not the parity claim."""
+    cfg, ref = load_case(LONG_CASE)
+    params = read_sat_checkpoint(os.path.join(case_dir(LONG_CASE), "ckpt_tp1"), cfg)
+    logits, _ = run(cfg.replace(dtype=dtype), params, ref["tokens"], ref["position_ids"],
+                    attention_mask=ref["attention_mask"])
+    assert logits.dtype == np.float32
+    assert np.abs(logits - ref["logits"]).max() <= max_rel * np.abs(ref["logits"]).max()
+    assert (logits.argmax(-1) == ref["logits"].argmax(-1)).mean() >= 0.99

@@ -107,8 +107,9 @@ def validate_batch(cfg: GLMConfig, batch: Batch) -> None:
         kind = "2-D" if cfg.position_encoding_2d else "1-D"
         raise InputError(f"position_ids must be integer {list(want)} for {kind} rotary, "
                          f"got {pos.dtype} {list(pos.shape)}")
-    if pos.min() < 0:
-        raise InputError("position_ids must be >= 0")
+    if pos.min() < 0 or pos.max() >= cfg.max_sequence_length:
+        raise InputError(f"position_ids must lie in [0, {cfg.max_sequence_length}) (max_sequence_length), "
+                         f"got [{pos.min()}, {pos.max()}]")
     if "attention_mask" in batch:
         m = np.asarray(batch["attention_mask"])
         if (m.dtype != bool or m.ndim != 4 or m.shape[1] != 1 or m.shape[2:] != (s, s)
