@@ -8,7 +8,8 @@ import torch
 from conftest import case_dir
 
 from glmjax import config as C
-from glmjax.convert.sat import glm_rules, read_sat_checkpoint
+from glmjax.convert.sat import read_sat_checkpoint
+from glmjax.convert.tables import sat_rules
 from glmjax.errors import CheckpointError
 
 TINY = case_dir("glm130b_tiny_fp16rope")
@@ -50,9 +51,9 @@ def write_sat(folder, shards, iteration="7"):
 def random_sat_state(cfg, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for rule in glm_rules(cfg):
+    for rule in sat_rules(cfg):
         for i in range(cfg.num_layers) if rule.per_layer else [None]:
-            sd[rule.sat_name.format(i=i)] = torch.randn(rule.shape, generator=g).to(dtype)
+            sd[rule.key(i)] = torch.randn(rule.shape, generator=g).to(dtype)
     return sd
 
 

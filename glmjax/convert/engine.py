@@ -1,0 +1,167 @@
+"""The one conversion engine: declarative per-family tables of tensor rules, GLM-130B's
+tensor-parallel merge/split rules, and GLM-130B's weight-only quantization, shared by every format.
+
+A rule maps one external tensor (torch layout, [out, in]) to one glmjax parameter (a path into the
+pytree, layers stacked on axis 0). Formats only decide where bytes live; what a tensor *is* lives
+here and in glmjax/convert/tables.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from glmjax.config import GLMConfig
+from glmjax.errors import CheckpointError
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a writer pulls glmjax-layout tensors from, one (path, layer) at a time."""
+
+    get: Callable[[Path, int | None], np.ndarray]
+    dtype: Callable[[Path], np.dtype]
+
+SPLITS = ("rows", "cols", "glu", "replicated")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """One external tensor <-> one glmjax parameter.
+
+    split: how tensor-parallel ranks hold it -- 'rows' (dim 0), 'cols' (dim 1), 'glu' (each rank
+    holds [its value rows; its gate rows]) or 'replicated'. to_jax/from_jax convert between the
+    merged torch layout and glmjax's layout. quantizable: one of the four linear weights of a block
+    that GLM-130B stores as int8/int4 with a per-row scale.
+    """
+
+    name: str  # external key, with {i} for the layer index
+    path: Path
+    shape: tuple[int, ...]  # merged torch-layout shape
+    split: str
+    to_jax: Callable[[np.ndarray], np.ndarray]
+    from_jax: Callable[[np.ndarray], np.ndarray]
+    quantizable: bool = False
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.name
+
+    def key(self, layer: int | None) -> str:
+        return self.name.format(i=layer)
+
+    def shard_shape(self, tp: int) -> tuple[int, ...]:
+        dim = {"rows": 0, "glu": 0, "cols": 1}.get(self.split)
+        if dim is None:
+            return self.shape
+        return tuple(n // tp if d == dim else n for d, n in enumerate(self.shape))
+
+
+def layers_of(rule: TensorRule, cfg: GLMConfig) -> list[int | None]:
+    return list(range(cfg.num_layers)) if rule.per_layer else [None]
+
+
+def ordered(rules: list[TensorRule], cfg: GLMConfig) -> Iterator[tuple[TensorRule, int | None]]:
+    """State-dict order: tensors listed before the layer rules, then each layer's tensors in table
+    order, then the remaining tensors."""
+    k = next((n for n, r in enumerate(rules) if r.per_layer), len(rules))
+    for r in rules[:k]:
+        yield r, None
+    for i in range(cfg.num_layers):
+        for r in rules:
+            if r.per_layer:
+                yield r, i
+    for r in rules[k:]:
+        if not r.per_layer:
+            yield r, None
+
+
+def merge_shards(parts: list[np.ndarray], split: str) -> np.ndarray:
+    """Undo GLM-130B's tensor-parallel split of one tensor (tools/convert_tp.py rules)."""
+    if split == "replicated" or len(parts) == 1:
+        return parts[0]
+    if split == "rows":
+        return np.concatenate(parts, 0)
+    if split == "cols":
+        return np.concatenate(parts, 1)
+    halves = [np.split(p, 2, axis=0) for p in parts]  # glu: every rank's values, then every gate
+    return np.concatenate([hv[0] for hv in halves] + [hv[1] for hv in halves], 0)
+
+
+def split_shard(full: np.ndarray, split: str, tp: int, rank: int) -> np.ndarray:
+    """Rank `rank`'s part of a merged tensor under GLM-130B's rules."""
+    if split == "replicated" or tp == 1:
+        return full
+    if split == "rows":
+        return np.split(full, tp, 0)[rank]
+    if split == "cols":
+        return np.split(full, tp, 1)[rank]
+    chunks = np.split(full, 2 * tp, 0)  # glu: [value_r; gate_r]
+    return np.concatenate([chunks[rank], chunks[tp + rank]], 0)
+
+
+# --- GLM-130B weight-only quantization (quantization/functional.py, kernels) ---------------------
+def quantize_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row absmax: scale = max|row| / (2^(b-1) - 1) in float16, q = round(w / scale).
+
+    Computed in float16 arithmetic as GLM-130B does on its fp16 weights; int4 values are packed two
+    per byte with the even column in the high nibble. Returns (int8 array, float16 scale [rows]).
+    """
+    if bits not in (4, 8):
+        raise CheckpointError(f"quantization bit width must be 4 or 8, got {bits}")
+    w16 = np.asarray(w).astype(np.float16)
+    scale = (np.abs(w16).max(axis=-1) / np.float16(2 ** (bits - 1) - 1)).astype(np.float16)
+    safe = np.where(scale == 0, np.float16(1), scale)
+    q = np.round(w16 / safe[:, None]).astype(np.int8)
+    if bits == 4:
+        if q.shape[1] % 2:
+            raise CheckpointError(f"int4 packing needs an even number of columns, got {q.shape[1]}")
+        hi, lo = q[:, 0::2].astype(np.uint8), q[:, 1::2].astype(np.uint8)
+        q = ((hi << 4) | (lo & 0xF)).astype(np.uint8).view(np.int8)
+    return q, scale
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray, bits: int, out_dtype: Any = np.float16) -> np.ndarray:
+    """Inverse of quantize_rows (sign-extending int4 nibbles), times the float16 row scale."""
+    q = np.asarray(q, np.int8)
+    if bits == 4:
+        hi = q >> 4  # arithmetic shift keeps the sign
+        lo = (q << 4).astype(np.int8) >> 4
+        q = np.stack([hi, lo], -1).reshape(q.shape[0], -1)
+    return (q.astype(np.float16) * np.asarray(scale, np.float16)[:, None]).astype(out_dtype)
+
+
+def tree_source(params: Any) -> Source:
+    """A Source over a glmjax parameter pytree (numpy or jax arrays)."""
+
+    def leaf(path: Path) -> Any:
+        node = params
+        for k in path:
+            node = node[k]
+        return node
+
+    return Source(get=lambda path, layer: np.asarray(leaf(path) if layer is None else leaf(path)[layer]),
+                  dtype=lambda path: np.dtype(leaf(path).dtype))
+
+
+class TreeBuilder:
+    """Assembles (path, layer, array) pieces into a glmjax parameter pytree of numpy arrays."""
+
+    def __init__(self, cfg: GLMConfig, dtype: Any):
+        self.cfg, self.dtype, self.params = cfg, np.dtype(dtype), {}
+
+    def put(self, path: Path, layer: int | None, arr: np.ndarray) -> None:
+        node = self.params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        leaf = path[-1]
+        if layer is None:
+            node[leaf] = np.asarray(arr, self.dtype)
+            return
+        if leaf not in node:
+            node[leaf] = np.empty((self.cfg.num_layers,) + arr.shape, self.dtype)
+        node[leaf][layer] = arr
