@@ -86,11 +86,12 @@ def _quant_bits(rule: TensorRule, tensor: np.ndarray, tp: int) -> int:
     return 0
 
 
-def iter_sat_tensors(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None
-                     ) -> Iterator[tuple[TensorRule, int | None, np.ndarray]]:
-    """Yield (rule, layer or None, merged tensor in glmjax layout), one tensor at a time.
+def sat_source(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None) -> Source:
+    """Random access to a SAT checkpoint's tensors, merged and in glmjax layout.
 
-    Quantized weights are dequantized shard by shard (their scales are per shard row) to float16.
+    Every shard is memory-mapped and checked up front (keys, shard count); a tensor is read when
+    asked for. Quantized weights are dequantized shard by shard (their scales are per shard row)
+    to float16.
     """
     _, paths = find_shards(ckpt_dir)
     tp = len(paths)
@@ -109,9 +110,12 @@ def iter_sat_tensors(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None
             raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}{hint}")
         if expected - keys:
             raise CheckpointError(f"{path}: missing tensor {sorted(expected - keys)[0]!r}")
-    for rule, i in engine.ordered(rules, cfg):
+    by_path = {r.path: r for r in rules}
+
+    def get(param: engine.Path, i: int | None) -> np.ndarray:
+        rule = by_path[param]
         key, want = rule.key(i), rule.shard_shape(tp)
-        parts = []
+        parts: list[np.ndarray] = []
         for path, sd in zip(paths, shards):
             t = to_numpy(sd[key])
             if t.dtype == np.int8 and rule.quantizable:
@@ -131,7 +135,22 @@ def iter_sat_tensors(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None
                 parts = parts or [t]
             else:
                 parts.append(t)
-        yield rule, i, rule.to_jax(engine.merge_shards(parts, rule.split))
+        return rule.to_jax(engine.merge_shards(parts, rule.split))
+
+    def dtype(param: engine.Path) -> np.dtype:
+        rule = by_path[param]
+        t = shards[0][rule.key(0 if rule.per_layer else None)]
+        return np.float16 if to_numpy(t[:0]).dtype == np.int8 else to_numpy(t[:0]).dtype
+
+    return Source(get=get, dtype=dtype)
+
+
+def iter_sat_tensors(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None
+                     ) -> Iterator[tuple[TensorRule, int | None, np.ndarray]]:
+    """Yield (rule, layer or None, merged tensor in glmjax layout), one tensor at a time."""
+    src = sat_source(ckpt_dir, cfg, expect_tp)
+    for rule, i in engine.ordered(sat_rules(cfg), cfg):
+        yield rule, i, src.get(rule.path, i)
 
 
 def read_sat_checkpoint(ckpt_dir: str, cfg: GLMConfig, dtype: str | None = None,

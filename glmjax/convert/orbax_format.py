@@ -1,0 +1,206 @@
+"""glmjax's own checkpoint: an orbax PyTree checkpoint of the parameters plus the config beside it.
+
+Layout of DIR:
+  glmjax.json   {"format": "glmjax-params", "version": 1, "config": {...}}; written last, so a
+                directory without it is not a checkpoint
+  params/       orbax PyTree checkpoint (zarr arrays, no OCDBT), restorable with orbax directly
+
+Writing streams: orbax lays out the tree's metadata from a skeleton of tiny arrays, then each
+parameter's zarr array is created at full size with tensorstore and filled one tensor (one layer of
+a stacked parameter) at a time, so host memory holds one tensor, never the model. Reading goes
+through orbax with the target mesh's shardings: each device reads only its own shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from glmjax import config as C
+from glmjax.config import GLMConfig
+from glmjax.convert.engine import Path, Source
+from glmjax.errors import CheckpointError
+
+FORMAT = "glmjax-params"
+VERSION = 1
+META_FILE = "glmjax.json"
+PARAMS_DIR = "params"
+CHUNK_BYTES = 128 << 20
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path} is not a glmjax checkpoint (no {META_FILE})")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is unreadable: {e}") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{meta_path}: not a {FORMAT} v{VERSION} checkpoint")
+    return meta
+
+
+def read_config(path: str) -> GLMConfig:
+    return C.from_dict(read_meta(path)["config"], source=os.path.join(path, META_FILE))
+
+
+def _leaves(cfg: GLMConfig) -> dict[Path, tuple[int, ...]]:
+    from glmjax.model.api import abstract_params
+
+    flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(cfg)))[0]
+    return {tuple(k.key for k in p): tuple(a.shape) for p, a in flat}
+
+
+def _param_name(path: Path) -> str:
+    return ".".join(path)  # orbax's non-OCDBT directory name of a leaf
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
+    """One layer per chunk along a stacked axis, then split the largest dim until <= CHUNK_BYTES."""
+    chunk = list(shape)
+    if stacked:
+        chunk[0] = 1
+    while int(np.prod(chunk)) * itemsize > CHUNK_BYTES:
+        d = int(np.argmax(chunk[1:] if stacked else chunk)) + (1 if stacked else 0)
+        k = next((k for k in range(2, chunk[d] + 1) if chunk[d] % k == 0), chunk[d])
+        if k == chunk[d] and chunk[d] == 1:
+            break
+        chunk[d] //= k
+    return chunk
+
+
+def _orbax_skeleton(params_dir: str, shapes: dict[Path, tuple[int, ...]], dtypes: dict[Path, np.dtype]) -> None:
+    """Let orbax write its metadata for a tree of tiny arrays, then give every leaf its real shape."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    tree: dict[str, Any] = {}
+    for path, shape in shapes.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = jnp.zeros((1,) * len(shape), dtypes[path])
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(params_dir, args=ocp.args.PyTreeSave(tree))
+    meta_path = os.path.join(params_dir, "_METADATA")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    for entry in meta["tree_metadata"].values():
+        path = tuple(k["key"] for k in entry["key_metadata"])
+        entry["value_metadata"]["write_shape"] = list(shapes[path])
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    arr_dir = os.path.join(params_dir, "array_metadatas")
+    by_name = {_param_name(p): s for p, s in shapes.items()}
+    for name in os.listdir(arr_dir):
+        with open(os.path.join(arr_dir, name)) as f:
+            am = json.load(f)
+        for item in am["array_metadatas"]:
+            a = item["array_metadata"]
+            a["write_shape"] = list(by_name[a["param_name"]])
+            a["chunk_shape"] = _chunks(by_name[a["param_name"]], 1, False)  # informational
+        with open(os.path.join(arr_dir, name), "w") as f:
+            json.dump(am, f)
+
+
+def write_params(out_dir: str, cfg: GLMConfig, tensors: Iterable[tuple[Path, int | None, np.ndarray]],
+                 dtypes: dict[Path, Any], extra_meta: dict[str, Any] | None = None) -> None:
+    """Write a glmjax checkpoint into the (new, empty) out_dir from (path, layer, array) pieces.
+
+    Every parameter of the config must arrive exactly once per layer; glmjax.json is written last.
+    """
+    import tensorstore as ts
+
+    shapes = _leaves(cfg)
+    dtypes = {p: np.dtype(dtypes[p]) for p in shapes}
+    params_dir = os.path.join(out_dir, PARAMS_DIR)
+    _orbax_skeleton(params_dir, shapes, dtypes)
+    stores = {}
+    for path, shape in shapes.items():
+        stacked = path[0] == "layers"
+        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(params_dir, _param_name(path))},
+                "metadata": {"shape": list(shape), "dtype": dtypes[path].str if dtypes[path].name != "bfloat16"
+                             else "bfloat16", "chunks": _chunks(shape, dtypes[path].itemsize, stacked),
+                             "compressor": None, "dimension_separator": "."}}
+        stores[path] = ts.open(spec, create=True, delete_existing=True).result()
+    seen: set[tuple[Path, int | None]] = set()
+    for path, layer, arr in tensors:
+        if path not in stores:
+            raise CheckpointError(f"parameter {'/'.join(path)} is not part of the config")
+        want = shapes[path][1:] if layer is not None else shapes[path]
+        if tuple(arr.shape) != want:
+            raise CheckpointError(f"parameter {'/'.join(path)}: shape {tuple(arr.shape)}, the config implies {want}")
+        target = stores[path] if layer is None else stores[path][layer]
+        target.write(np.asarray(arr).astype(dtypes[path], copy=False)).result()
+        seen.add((path, layer))
+    for path, shape in shapes.items():
+        for layer in (range(shape[0]) if path[0] == "layers" else [None]):
+            if (path, layer) not in seen:
+                raise CheckpointError(f"parameter {'/'.join(path)} (layer {layer}) was never written")
+    meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), **(extra_meta or {})}
+    with open(os.path.join(out_dir, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def orbax_source(path: str) -> tuple[GLMConfig, Source]:
+    """Random access to a glmjax checkpoint on the host, one tensor (one layer) at a time."""
+    import tensorstore as ts
+
+    cfg = read_config(path)
+    shapes = _leaves(cfg)
+    params_dir = os.path.join(path, PARAMS_DIR)
+    stores: dict[Path, Any] = {}
+
+    def store(p: Path):
+        if p not in stores:
+            spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(params_dir, _param_name(p))}}
+            try:
+                stores[p] = ts.open(spec, open=True).result()
+            except Exception as e:
+                raise CheckpointError(f"{path}: parameter {'/'.join(p)} is missing or unreadable "
+                                      f"({str(e).splitlines()[0]})") from None
+            if tuple(stores[p].shape) != shapes[p]:
+                raise CheckpointError(f"{path}: parameter {'/'.join(p)} has shape {tuple(stores[p].shape)}, "
+                                      f"the config implies {shapes[p]}")
+        return stores[p]
+
+    def get(p: Path, layer: int | None) -> np.ndarray:
+        s = store(p)
+        return np.asarray((s if layer is None else s[layer]).read().result())
+
+    def dtype(p: Path) -> np.dtype:
+        return np.dtype(store(p).dtype.numpy_dtype)
+
+    return cfg, Source(get=get, dtype=dtype)
+
+
+def restore_params(path: str, mesh: jax.sharding.Mesh, cfg: GLMConfig | None = None) -> tuple[GLMConfig, Any]:
+    """Restore onto `mesh`: each device reads its own shard (orbax with the target shardings)."""
+    import orbax.checkpoint as ocp
+
+    from glmjax.model.api import param_shardings
+
+    saved = read_config(path)
+    cfg = cfg or saved
+    shardings = param_shardings(cfg, mesh)
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
+    try:
+        with ocp.Checkpointer(handler) as ckptr:
+            params = ckptr.restore(os.path.join(path, PARAMS_DIR),
+                                   args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as e:
+        raise CheckpointError(f"cannot restore {path}: {str(e).splitlines()[0]}") from None
+    return cfg, params
