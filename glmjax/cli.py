@@ -76,22 +76,23 @@ def cmd_forward(a: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from glmjax.convert.sat import read_sat_checkpoint
+    from glmjax.convert.run import detect_format, load_params
     from glmjax.model import api
     from glmjax.parallel.mesh import make_mesh
 
-    cfg = C.resolve(None, a.config, a.overrides)
+    cfg = C.resolve(None, a.config, a.overrides) if a.config else None
+    fmt = detect_format(a.checkpoint) if os.path.isdir(a.checkpoint) else "sat"
+    arrays = _load_inputs(a.inputs)
+    batch = {k: v for k, v in arrays.items() if k in api.INPUT_NAMES}
+    ignored = sorted(set(arrays) - set(batch))
+    mesh = make_mesh(a.mesh)
+    t0 = time.perf_counter()
+    cfg, params = load_params(fmt, a.checkpoint, cfg, mesh)
     if a.dtype:
         cfg = cfg.replace(dtype=a.dtype)
     if cfg.dtype == "float32":  # no TF32 / bf16 passes in matmuls when comparing implementations
         jax.config.update("jax_default_matmul_precision", "highest")
-    arrays = _load_inputs(a.inputs)
-    batch = {k: v for k, v in arrays.items() if k in api.INPUT_NAMES}
-    ignored = sorted(set(arrays) - set(batch))
     api.validate_batch(cfg, batch)
-    mesh = make_mesh(a.mesh)
-    t0 = time.perf_counter()
-    params = api.shard_params(read_sat_checkpoint(a.checkpoint, cfg), cfg, mesh)
     t1 = time.perf_counter()
     fwd = api.make_forward(cfg, mesh, collect_hidden=a.hidden_states)
     logits, per_layer = fwd(params, batch)
@@ -108,6 +109,35 @@ def cmd_forward(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(a: argparse.Namespace) -> int:
+    import signal
+
+    from glmjax.convert import run
+    from glmjax.parallel.mesh import make_mesh
+
+    def interrupted(signum, frame):  # SIGTERM behaves like Ctrl-C: the partial output is removed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    cfg = C.resolve(None, a.config, a.overrides) if a.config else None
+    if a.verify:
+        make_mesh(a.mesh)  # a bad mesh spec fails before any work
+    res = run.convert(a.src, a.dst, cfg=cfg, tp=a.tp, quantize=a.quantize, dtype=a.dtype,
+                      overwrite=a.overwrite, safetensors=a.safetensors)
+    gb = res["bytes"] / 1e9
+    print(f"wrote {a.dst}: {gb:.3f} GB in {res['seconds']:.1f} s ({gb / max(res['seconds'], 1e-9):.2f} GB/s)")
+    if not a.verify:
+        return 0
+    lossy = bool(a.quantize) or a.dtype is not None
+    r = run.verify(run.parse_location(a.src), run.parse_location(a.dst), cfg, make_mesh(a.mesh),
+                   a.verify_tokens)
+    ok = r["kl"] <= a.max_kl if lossy else r["rel_diff"] <= a.tolerance
+    print(f"verify ({a.verify_tokens}-token prompt): max |logit diff| {r['max_abs_diff']:.3g} "
+          f"({r['rel_diff']:.2e} of max |logit|), KL {r['kl']:.3g}: "
+          + ("OK" if ok else f"ABOVE TOLERANCE ({'KL ' + str(a.max_kl) if lossy else a.tolerance})"))
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmjax", description="GLM-130B in JAX: inspect, run, compare.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(info)
     info.set_defaults(func=cmd_info)
     fw = sub.add_parser("forward", help="run a checkpoint on inputs from an .npz, write logits")
-    fw.add_argument("--checkpoint", required=True, help="SAT checkpoint directory (with 'latest')")
-    fw.add_argument("--config", required=True, help="model config (JSON/YAML)")
+    fw.add_argument("--checkpoint", required=True,
+                    help="checkpoint directory: SAT (with 'latest'), glmjax/orbax or Hugging Face ChatGLM")
+    fw.add_argument("--config", help="model config (JSON/YAML); required for SAT checkpoints")
     fw.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     fw.add_argument("--inputs", required=True,
                     help="npz: tokens [b,s], position_ids [b,s] or [b,2,s], and attention_mask "
@@ -126,6 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--dtype", choices=C.FLOAT_DTYPES, default=None, help="compute dtype")
     fw.add_argument("--hidden-states", action="store_true", help="also write hidden_states_layer{i}")
     fw.set_defaults(func=cmd_forward)
+    cv = sub.add_parser("convert", help="convert checkpoints: sat | orbax | hf-chatglm, either way")
+    cv.add_argument("--from", dest="src", required=True, metavar="FORMAT:PATH")
+    cv.add_argument("--to", dest="dst", required=True, metavar="FORMAT:PATH")
+    cv.add_argument("--config", help="model config (JSON/YAML); required when reading SAT")
+    cv.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    cv.add_argument("--tp", type=int, help="tensor-parallel degree of SAT output (default 1)")
+    cv.add_argument("--quantize", choices=("int8", "int4"), help="write GLM-130B's quantized SAT layout")
+    cv.add_argument("--dtype", choices=C.FLOAT_DTYPES, help="dtype of the written floating tensors")
+    cv.add_argument("--safetensors", action="store_true", help="hf-chatglm output as .safetensors")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing output (when complete)")
+    cv.add_argument("--verify", action="store_true",
+                    help="run source and output on one long prompt; exit 1 above tolerance")
+    cv.add_argument("--verify-tokens", type=int, default=512, help="prompt length for --verify")
+    cv.add_argument("--tolerance", type=float, default=1e-5,
+                    help="lossless conversions: max |logit diff| / max |logit| (default 1e-5)")
+    cv.add_argument("--max-kl", type=float, default=1e-2,
+                    help="--quantize/--dtype conversions: largest mean KL divergence accepted")
+    cv.add_argument("--mesh", default=None, help="mesh for --verify (default one device)")
+    cv.set_defaults(func=cmd_convert)
     return p
 
 

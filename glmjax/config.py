@@ -52,6 +52,9 @@ class GLMConfig:
     embedding_grad_shrink: float = 1.0  # alpha of embedding gradient shrink; 1.0 = off
     remat_policy: str = "none"
     init_std: float | None = None  # embedding init std; None: sqrt(1/(3*hidden)) (GLM-130B's 0.0052)
+    # DeepNorm residual scale; None: sqrt(2 * num_layers). ChatGLM's modeling code fixes it at sqrt(56)
+    # (28 layers) whatever num_layers is, so ChatGLM-family imports pin it.
+    residual_alpha: float | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -64,7 +67,7 @@ class GLMConfig:
     @property
     def deepnorm_alpha(self) -> float:
         """DeepNorm residual scale: the residual adds the normalised input times sqrt(2N)."""
-        return math.sqrt(2.0 * self.num_layers)
+        return self.residual_alpha if self.residual_alpha is not None else math.sqrt(2.0 * self.num_layers)
 
     @property
     def embedding_init_std(self) -> float:
@@ -127,6 +130,8 @@ def _validate(c: GLMConfig) -> None:
             _fail(f"config: {name} must be in [0, 1), got {v!r}")
     if not (isinstance(c.embedding_grad_shrink, (int, float)) and 0.0 <= c.embedding_grad_shrink <= 1.0):
         _fail(f"config: embedding_grad_shrink must be in [0, 1], got {c.embedding_grad_shrink!r}")
+    if c.residual_alpha is not None and not c.residual_alpha > 0:
+        _fail(f"config: residual_alpha must be > 0, got {c.residual_alpha!r}")
     if c.rotary_base <= 1:
         _fail(f"config: rotary_base must be > 1, got {c.rotary_base!r}")
     for name in ("position_encoding_2d", "glu", "tie_word_embeddings"):

@@ -66,6 +66,10 @@ def _param_name(path: Path) -> str:
     return ".".join(path)  # orbax's non-OCDBT directory name of a leaf
 
 
+def _kvstore(params_dir: str, path: Path) -> dict[str, str]:
+    return {"driver": "file", "path": os.path.join(params_dir, _param_name(path))}
+
+
 def _chunks(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
     """One layer per chunk along a stacked axis, then split the largest dim until <= CHUNK_BYTES."""
     chunk = list(shape)
@@ -80,7 +84,8 @@ def _chunks(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
     return chunk
 
 
-def _orbax_skeleton(params_dir: str, shapes: dict[Path, tuple[int, ...]], dtypes: dict[Path, np.dtype]) -> None:
+def _orbax_skeleton(params_dir: str, shapes: dict[Path, tuple[int, ...]],
+                    dtypes: dict[Path, np.dtype]) -> None:
     """Let orbax write its metadata for a tree of tiny arrays, then give every leaf its real shape."""
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -130,10 +135,11 @@ def write_params(out_dir: str, cfg: GLMConfig, tensors: Iterable[tuple[Path, int
     stores = {}
     for path, shape in shapes.items():
         stacked = path[0] == "layers"
-        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(params_dir, _param_name(path))},
-                "metadata": {"shape": list(shape), "dtype": dtypes[path].str if dtypes[path].name != "bfloat16"
-                             else "bfloat16", "chunks": _chunks(shape, dtypes[path].itemsize, stacked),
-                             "compressor": None, "dimension_separator": "."}}
+        dt = dtypes[path]
+        spec = {"driver": "zarr", "kvstore": _kvstore(params_dir, path),
+                "metadata": {"shape": list(shape), "dtype": "bfloat16" if dt.name == "bfloat16" else dt.str,
+                             "chunks": _chunks(shape, dt.itemsize, stacked), "compressor": None,
+                             "dimension_separator": "."}}
         stores[path] = ts.open(spec, create=True, delete_existing=True).result()
     seen: set[tuple[Path, int | None]] = set()
     for path, layer, arr in tensors:
@@ -141,7 +147,8 @@ def write_params(out_dir: str, cfg: GLMConfig, tensors: Iterable[tuple[Path, int
             raise CheckpointError(f"parameter {'/'.join(path)} is not part of the config")
         want = shapes[path][1:] if layer is not None else shapes[path]
         if tuple(arr.shape) != want:
-            raise CheckpointError(f"parameter {'/'.join(path)}: shape {tuple(arr.shape)}, the config implies {want}")
+            raise CheckpointError(f"parameter {'/'.join(path)}: shape {tuple(arr.shape)}, "
+                                  f"the config implies {want}")
         target = stores[path] if layer is None else stores[path][layer]
         target.write(np.asarray(arr).astype(dtypes[path], copy=False)).result()
         seen.add((path, layer))
@@ -149,6 +156,19 @@ def write_params(out_dir: str, cfg: GLMConfig, tensors: Iterable[tuple[Path, int
         for layer in (range(shape[0]) if path[0] == "layers" else [None]):
             if (path, layer) not in seen:
                 raise CheckpointError(f"parameter {'/'.join(path)} (layer {layer}) was never written")
+    meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), **(extra_meta or {})}
+    with open(os.path.join(out_dir, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def save_params(out_dir: str, cfg: GLMConfig, params: Any,
+                extra_meta: dict[str, Any] | None = None) -> None:
+    """Save device-resident (sharded) parameters with orbax: each host writes its own shards."""
+    import orbax.checkpoint as ocp
+
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(os.path.join(out_dir, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
     meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), **(extra_meta or {})}
     with open(os.path.join(out_dir, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
@@ -165,7 +185,7 @@ def orbax_source(path: str) -> tuple[GLMConfig, Source]:
 
     def store(p: Path):
         if p not in stores:
-            spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(params_dir, _param_name(p))}}
+            spec = {"driver": "zarr", "kvstore": _kvstore(params_dir, p)}
             try:
                 stores[p] = ts.open(spec, open=True).result()
             except Exception as e:
