@@ -39,3 +39,41 @@ def assert_close_scaled(got, want, rel=1e-5, what="logits"):
 @pytest.fixture(scope="session")
 def tiny_cases():
     return {c: load_case(c) for c in TINY_CASES}
+
+
+def split_like_convert_tp(sd, tp):
+    """GLM-130B tools/convert_tp.py (original tp 1 -> target tp), restated with torch."""
+    import torch
+
+    sequential = {"input_layernorm.weight", "input_layernorm.bias", "attention.dense.bias",
+                  "post_attention_layernorm.weight", "post_attention_layernorm.bias",
+                  "mlp.dense_4h_to_h.bias", "attention.rotary_emb.inv_freq",
+                  "final_layernorm.weight", "final_layernorm.bias"}
+    glu = {"mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias"}
+    dim1 = {"attention.dense.weight", "mlp.dense_4h_to_h.weight"}
+    shards = []
+    for r in range(tp):
+        out = {}
+        for key, t in sd.items():
+            name = ".".join(key.split(".")[3 if key.startswith("transformer.layers") else 1:])
+            if name in sequential:
+                out[key] = t
+            elif name in glu:
+                chunks = torch.chunk(t, 2 * tp, dim=0)
+                out[key] = torch.cat([chunks[r], chunks[tp + r]], 0)
+            else:
+                out[key] = torch.chunk(t, tp, dim=1 if name in dim1 else 0)[r].clone()
+        shards.append(out)
+    return shards
+
+
+def write_sat(folder, shards, iteration="7"):
+    """A SAT checkpoint written with torch.save, as GLM-130B's tools do."""
+    import torch
+
+    os.makedirs(os.path.join(folder, iteration))
+    with open(os.path.join(folder, "latest"), "w") as f:
+        f.write(iteration)
+    for r, sd in enumerate(shards):
+        torch.save({"module": {k: v.contiguous() for k, v in sd.items()}},
+                   os.path.join(folder, iteration, f"mp_rank_{r:02d}_model_states.pt"))
