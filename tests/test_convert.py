@@ -31,8 +31,10 @@ def test_sat_to_orbax_to_sat_is_byte_identical_to_the_fixture(tmp_path, case, tp
     """The SAT files glmjax writes are the bytes GLM-130B's tools (torch.save) wrote."""
     src = os.path.join(case_dir(case), f"ckpt_tp{tp}")
     cfg_path = os.path.join(case_dir(case), "config.json")
-    assert main(["convert", "--from", f"sat:{src}", "--to", f"orbax:{tmp_path}/ox", "--config", cfg_path]) == 0
-    assert main(["convert", "--from", f"orbax:{tmp_path}/ox", "--to", f"sat:{tmp_path}/sat", "--tp", str(tp)]) == 0
+    assert main(["convert", "--from", f"sat:{src}", "--to", f"orbax:{tmp_path}/ox",
+                 "--config", cfg_path]) == 0
+    assert main(["convert", "--from", f"orbax:{tmp_path}/ox", "--to", f"sat:{tmp_path}/sat",
+                 "--tp", str(tp)]) == 0
     assert files_of(tmp_path / "sat") == files_of(src)
     for rel in files_of(src):
         with open(os.path.join(src, rel), "rb") as a, open(tmp_path / "sat" / rel, "rb") as b:
@@ -70,7 +72,8 @@ def test_tp2_to_orbax_to_tp4_to_orbax_keeps_every_parameter(tmp_path, glm_test_c
         np.testing.assert_array_equal(a.get(rule.path, i), b.get(rule.path, i))
     # the tp4 files hold exactly what GLM-130B's convert_tp.py puts in each rank
     for r, want in enumerate(split_like_convert_tp(sd, 4)):
-        got = torch.load(tmp_path / "tp4" / "1" / f"mp_rank_{r:02d}_model_states.pt", weights_only=True)["module"]
+        got = torch.load(tmp_path / "tp4" / "1" / f"mp_rank_{r:02d}_model_states.pt",
+                         weights_only=True)["module"]
         for k, v in want.items():
             assert torch.equal(got[k], v), k
 
@@ -97,7 +100,8 @@ def test_quantized_sat_layout_matches_glm130b(tmp_path, glm_test_cfg, bits):
                  str(cfg_file), "--tp", "2", "--quantize", f"int{bits}"]) == 0
     quantized = {r.key(i) for r, i in engine.ordered(sat_rules(cfg), cfg) if r.quantizable}
     for r, want in enumerate(split_like_convert_tp(sd, 2)):
-        got = torch.load(tmp_path / "q" / "1" / f"mp_rank_{r:02d}_model_states.pt", weights_only=True)["module"]
+        got = torch.load(tmp_path / "q" / "1" / f"mp_rank_{r:02d}_model_states.pt",
+                         weights_only=True)["module"]
         for k, v in want.items():
             if k in quantized:  # scales per shard row, as convert_tp.py quantizes after re-sharding
                 q, scale = glm130b_quantize(v, bits)
@@ -235,7 +239,8 @@ def test_verify_reports_logit_agreement_and_fails_above_tolerance(tmp_path, caps
     long_case = case_dir("glm130b_long_hd128_fp16rope")
     src = f"sat:{os.path.join(long_case, 'ckpt_tp2')}"
     cfg = os.path.join(long_case, "config.json")
-    assert main(["convert", "--from", src, "--to", f"orbax:{tmp_path / 'a'}", "--config", cfg, "--verify"]) == 0
+    assert main(["convert", "--from", src, "--to", f"orbax:{tmp_path / 'a'}", "--config", cfg,
+                 "--verify"]) == 0
     out = capsys.readouterr().out
     assert "verify (512-token prompt): max |logit diff| 0 " in out and "OK" in out
     assert main(["convert", "--from", src, "--to", f"sat:{tmp_path / 'q'}", "--config", cfg, "--tp", "2",
