@@ -19,7 +19,7 @@ from glmjax.config import GLMConfig
 from glmjax.convert import engine
 from glmjax.convert.engine import Source, TensorRule
 from glmjax.convert.tables import sat_rules
-from glmjax.convert.torch_files import load_mmap, save_streaming, to_numpy
+from glmjax.convert.torch_files import StreamingTorchFile, load_mmap, to_numpy
 from glmjax.errors import CheckpointError
 
 SHARD_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -197,22 +197,31 @@ def write_sat_checkpoint(out_dir: str, source: Source, cfg: GLMConfig, tp: int, 
         else:
             specs.append((rule.key(i), shape, out_dt or source.dtype(rule.path)))
 
-    def tensors(rank: int) -> Iterator[np.ndarray]:
-        yield inv_parts[rank]
-        for rule, i in rules:
-            part = engine.split_shard(rule.from_jax(source.get(rule.path, i)), rule.split, tp, rank)
-            if quantized(rule):
-                yield from engine.quantize_rows(part, quantize_bits)
-            else:
-                yield part if out_dt is None else part.astype(out_dt)
-
     os.makedirs(os.path.join(out_dir, iteration), exist_ok=True)
-    written = []
-    for rank in range(tp):
-        path = os.path.join(out_dir, iteration, shard_name(rank))
-        rank_specs = [(INV_FREQ_KEY, inv_parts[rank].shape, inv_parts[rank].dtype)] + specs
-        save_streaming(path, rank_specs, tensors(rank))
-        written.append(path)
+    paths = [os.path.join(out_dir, iteration, shard_name(rank)) for rank in range(tp)]
+    files = [StreamingTorchFile(path, [(INV_FREQ_KEY, inv_parts[r].shape, inv_parts[r].dtype)] + specs)
+             for r, path in enumerate(paths)]
+    try:
+        for r, f in enumerate(files):
+            f.write(0, inv_parts[r])
+        index = 1
+        for rule, i in rules:  # each tensor is read once and split to every rank
+            full = rule.from_jax(source.get(rule.path, i))
+            for r, f in enumerate(files):
+                part = engine.split_shard(full, rule.split, tp, r)
+                if quantized(rule):
+                    q, scale = engine.quantize_rows(part, quantize_bits)
+                    f.write(index, q)
+                    f.write(index + 1, scale)
+                else:
+                    f.write(index, part if out_dt is None else part.astype(out_dt))
+            index += 2 if quantized(rule) else 1
+    except BaseException:
+        for f in files:
+            f.abort()
+        raise
+    for f in files:
+        f.close()
     with open(os.path.join(out_dir, "latest"), "w") as f:
         f.write(iteration)
-    return written
+    return paths

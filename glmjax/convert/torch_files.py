@@ -69,6 +69,92 @@ def _hash_combine(seed: int, value: int) -> int:
     return (seed ^ ((value + 0x9E3779B9 + ((seed << 6) & _MASK64) + (seed >> 2)) & _MASK64)) & _MASK64
 
 
+class StreamingTorchFile:
+    """A torch.save file whose tensor bytes are written one at a time, in any order of files.
+
+    Opening lays out the whole zip (torch.save with skip_data over uninitialised placeholders);
+    write(i, array) fills tensor i's record; close() patches the CRC-32s and the serialization id.
+    """
+
+    def __init__(self, path: str, specs: Sequence[tuple[str, tuple[int, ...], Any]],
+                 wrap: Callable[[dict], Any] = lambda sd: {"module": sd}):
+        torch = require_torch()
+        self.path, self.specs = path, list(specs)
+        placeholders = {k: torch.empty(tuple(s), dtype=torch_dtype(d)) for k, s, d in self.specs}
+        with torch.serialization.skip_data():
+            torch.save(wrap(placeholders), path)
+        del placeholders
+        with zipfile.ZipFile(path) as z:
+            self.infos = z.infolist()
+            self.central_start = z.start_dir
+        self.prefix = self.infos[0].filename.split("/", 1)[0] + "/"
+        self.by_name = {self._name(i): i for i in self.infos}
+        self.crcs = {self._name(i): i.CRC for i in self.infos}
+        self.done: set[int] = set()
+        self.f = open(path, "r+b")
+
+    def _name(self, info: zipfile.ZipInfo) -> str:
+        return info.filename[len(self.prefix):]
+
+    def _data_offset(self, info: zipfile.ZipInfo) -> int:
+        self.f.seek(info.header_offset + 26)
+        n, e = struct.unpack("<HH", self.f.read(4))
+        return info.header_offset + 30 + n + e
+
+    def write(self, index: int, arr: np.ndarray) -> None:
+        key, shape, dtype = self.specs[index]
+        arr = np.ascontiguousarray(arr)
+        if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+            raise CheckpointError(f"{key}: got {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {tuple(shape)}")
+        name = f"data/{index}"
+        self.f.seek(self._data_offset(self.by_name[name]))
+        crc, buf = 0, memoryview(arr.reshape(-1).view(np.uint8))
+        for start in range(0, len(buf), CHUNK):
+            piece = buf[start:start + CHUNK]
+            self.f.write(piece)
+            crc = zlib.crc32(piece, crc)
+        self.crcs[name] = crc
+        self.done.add(index)
+
+    def abort(self) -> None:
+        """Stop without finishing: the file stays incomplete (its directory is discarded)."""
+        self.f.close()
+
+    def close(self) -> None:
+        """Patch CRCs and serialization_id (20 digits of record-name hash + 20 of combined CRCs)."""
+        f = self.f
+        if len(self.done) != len(self.specs):
+            f.close()
+            raise CheckpointError(f"{self.path}: {len(self.specs)} tensors declared, {len(self.done)} written")
+        sid_name = ".data/serialization_id"
+        combined = 0
+        for info in self.infos:
+            if self._name(info) != sid_name:
+                combined = _hash_combine(combined, self.crcs[self._name(info)])
+        sid_info = self.by_name[sid_name]
+        f.seek(self._data_offset(sid_info))
+        old = f.read(sid_info.file_size)
+        new = old[:20] + f"{combined:020d}".encode()
+        f.seek(self._data_offset(sid_info))
+        f.write(new)
+        self.crcs[sid_name] = zlib.crc32(new)
+        for info in self.infos:  # data descriptors follow each record's data
+            f.seek(self._data_offset(info) + info.file_size)
+            if struct.unpack("<I", f.read(4))[0] == _DESCRIPTOR:
+                f.write(struct.pack("<I", self.crcs[self._name(info)]))
+        f.seek(self.central_start)  # the central directory repeats every CRC
+        for info in self.infos:
+            pos = f.tell()
+            head = f.read(46)
+            if struct.unpack("<I", head[:4])[0] != _CENTRAL:
+                raise CheckpointError(f"{self.path}: unexpected zip layout while writing")
+            n, e, c = struct.unpack("<HHH", head[28:34])
+            f.seek(pos + 16)
+            f.write(struct.pack("<I", self.crcs[self._name(info)]))
+            f.seek(pos + 46 + n + e + c)
+        f.close()
+
+
 def save_streaming(path: str, specs: Sequence[tuple[str, tuple[int, ...], Any]],
                    tensors: Iterable[np.ndarray], wrap: Callable[[dict], Any] = lambda sd: {"module": sd}
                    ) -> None:
@@ -76,68 +162,11 @@ def save_streaming(path: str, specs: Sequence[tuple[str, tuple[int, ...], Any]],
 
     specs: (key, shape, numpy dtype) in state-dict order; tensors yields the arrays in that order.
     """
-    torch = require_torch()
-    placeholders = {k: torch.empty(tuple(s), dtype=torch_dtype(d)) for k, s, d in specs}
-    with torch.serialization.skip_data():
-        torch.save(wrap(placeholders), path)
-    del placeholders
-    with zipfile.ZipFile(path) as z:
-        infos = z.infolist()
-        central_start = z.start_dir
-    prefix = infos[0].filename.split("/", 1)[0] + "/"
-    by_name = {i.filename[len(prefix):]: i for i in infos}
-    crcs: dict[str, int] = {i.filename[len(prefix):]: i.CRC for i in infos}
-    with open(path, "r+b") as f:
-        def data_offset(info: zipfile.ZipInfo) -> int:
-            f.seek(info.header_offset + 26)
-            n, e = struct.unpack("<HH", f.read(4))
-            return info.header_offset + 30 + n + e
-
-        count = 0
-        for (key, shape, dtype), arr in zip(specs, tensors):
-            arr = np.ascontiguousarray(arr)
-            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-                raise CheckpointError(f"{key}: got {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} "
-                                      f"{tuple(shape)}")
-            info = by_name[f"data/{count}"]
-            f.seek(data_offset(info))
-            crc, buf = 0, memoryview(arr.reshape(-1).view(np.uint8))
-            for start in range(0, len(buf), CHUNK):
-                piece = buf[start:start + CHUNK]
-                f.write(piece)
-                crc = zlib.crc32(piece, crc)
-            crcs[f"data/{count}"] = crc
-            count += 1
-        if count != len(specs):
-            raise CheckpointError(f"{path}: {len(specs)} tensors declared, {count} written")
-        # serialization_id = 20 digits of record-name hash (unchanged) + 20 of the combined CRCs
-        sid_name = ".data/serialization_id"
-        combined = 0
-        for info in infos:
-            name = info.filename[len(prefix):]
-            if name != sid_name:
-                combined = _hash_combine(combined, crcs[name])
-        sid_info = by_name[sid_name]
-        f.seek(data_offset(sid_info))
-        old = f.read(sid_info.file_size)
-        new = old[:20] + f"{combined:020d}".encode()
-        f.seek(data_offset(sid_info))
-        f.write(new)
-        crcs[sid_name] = zlib.crc32(new)
-        # data descriptors follow each record's data; the central directory repeats the CRC
-        for info in infos:
-            name = info.filename[len(prefix):]
-            off = data_offset(info) + info.file_size
-            f.seek(off)
-            if struct.unpack("<I", f.read(4))[0] == _DESCRIPTOR:
-                f.write(struct.pack("<I", crcs[name]))
-        f.seek(central_start)
-        for info in infos:
-            pos = f.tell()
-            head = f.read(46)
-            if struct.unpack("<I", head[:4])[0] != _CENTRAL:
-                raise CheckpointError(f"{path}: unexpected zip layout while writing")
-            n, e, c = struct.unpack("<HHH", head[28:34])
-            f.seek(pos + 16)
-            f.write(struct.pack("<I", crcs[info.filename[len(prefix):]]))
-            f.seek(pos + 46 + n + e + c)
+    out = StreamingTorchFile(path, specs, wrap)
+    try:
+        for index, arr in enumerate(tensors):
+            out.write(index, arr)
+    except BaseException:
+        out.abort()
+        raise
+    out.close()
