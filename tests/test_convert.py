@@ -169,7 +169,7 @@ def test_interrupted_conversion_leaves_no_checkpoint_and_keeps_the_old_one(tmp_p
     dst = tmp_path / "out"
     run.convert(f"sat:{TINY_SAT}", f"sat:{dst}", cfg=C.resolve(path=TINY_CFG), tp=2)
     before = {rel: (dst / rel).read_bytes() for rel in files_of(dst)}
-    real = engine.split_shard
+    real = engine.shard_from_jax
     calls = {"n": 0}
 
     def failing(*args):
@@ -178,7 +178,7 @@ def test_interrupted_conversion_leaves_no_checkpoint_and_keeps_the_old_one(tmp_p
             raise exc("stop")
         return real(*args)
 
-    monkeypatch.setattr(engine, "split_shard", failing)
+    monkeypatch.setattr(engine, "shard_from_jax", failing)
     with pytest.raises(exc):
         run.convert(f"sat:{TINY_SAT}", f"sat:{dst}", cfg=C.resolve(path=TINY_CFG), tp=1, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no partial directory left behind

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ def synthetic_source(cfg: C.GLMConfig, seed: int = 0) -> engine.Source:
     shapes = {r.path: r.to_jax(np.empty(r.shape, np.uint8)).shape for r in sat_rules(cfg)}
 
     def get(path, layer):
-        rng = np.random.default_rng([seed, len(path), sum(map(ord, "/".join(path))), -1 if layer is None else layer])
+        rng = np.random.default_rng([seed, len(path), sum(map(ord, "/".join(path))), 0 if layer is None else layer + 1])
         bits = rng.integers(0x1C00, 0x2C00, size=shapes[path], dtype=np.uint16)  # |x| in ~[2^-8, 2^-4]
         bits |= (rng.integers(0, 2, size=shapes[path], dtype=np.uint16) << 15)
         return bits.view(np.float16)
@@ -42,15 +41,16 @@ def synthetic_source(cfg: C.GLMConfig, seed: int = 0) -> engine.Source:
 
 
 def run_child(argv: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one glmjax command in a fresh process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Wall seconds and peak RSS (bytes) of one glmjax command in a fresh process (wait4's rusage
+    is that child's alone)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "glmjax", *argv], check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "glmjax", *argv])
+    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kib < before:
-        raise RuntimeError("peak RSS of the child is not separable from an earlier one")
-    return seconds, peak_kib * 1024
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"glmjax {' '.join(argv)} failed with exit code {proc.returncode}")
+    return seconds, usage.ru_maxrss * 1024
 
 
 def dir_bytes(path: str) -> int:

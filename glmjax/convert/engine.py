@@ -17,16 +17,26 @@ from glmjax.config import GLMConfig
 from glmjax.errors import CheckpointError
 
 Path = tuple[str, ...]
+Piece = tuple[tuple[slice, ...], np.ndarray]  # where in the glmjax-layout tensor, and its values
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Where a writer pulls glmjax-layout tensors from, one (path, layer) at a time."""
+    """Where a writer pulls glmjax-layout tensors from, one (path, layer) at a time.
+
+    pieces, when a format stores a tensor in parts (SAT's ranks), yields them one by one so a
+    writer that can place parts (orbax) never holds the whole tensor.
+    """
 
     get: Callable[[Path, int | None], np.ndarray]
     dtype: Callable[[Path], np.dtype]
+    pieces: Callable[[Path, int | None], Iterator[Piece]] | None = None
 
-SPLITS = ("rows", "cols", "glu", "replicated")
+    def iter_pieces(self, path: Path, layer: int | None) -> Iterator[Piece]:
+        if self.pieces is not None:
+            yield from self.pieces(path, layer)
+        else:
+            yield (), self.get(path, layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +45,18 @@ class TensorRule:
 
     split: how tensor-parallel ranks hold it -- 'rows' (dim 0), 'cols' (dim 1), 'glu' (each rank
     holds [its value rows; its gate rows]) or 'replicated'. to_jax/from_jax convert between the
-    merged torch layout and glmjax's layout. quantizable: one of the four linear weights of a block
-    that GLM-130B stores as int8/int4 with a per-row scale.
+    torch layout and glmjax's layout, of the whole tensor or of one rank's shard: in glmjax's layout
+    every split, GeGLU's included, is a plain cut along jax_axis, so merging shards is concatenating
+    their to_jax along it and splitting is from_jax of equal pieces. quantizable: one of the four
+    linear weights of a block that GLM-130B stores as int8/int4 with a per-row scale.
     """
 
     name: str  # external key, with {i} for the layer index
     path: Path
     shape: tuple[int, ...]  # merged torch-layout shape
     split: str
-    to_jax: Callable[[np.ndarray], np.ndarray]
+    jax_axis: int | None  # the glmjax-layout axis that the tensor-parallel split cuts (None: replicated)
+    to_jax: Callable[[np.ndarray], np.ndarray]  # shape-agnostic: works on one rank's shard too
     from_jax: Callable[[np.ndarray], np.ndarray]
     quantizable: bool = False
 
@@ -61,10 +74,6 @@ class TensorRule:
         return tuple(n // tp if d == dim else n for d, n in enumerate(self.shape))
 
 
-def layers_of(rule: TensorRule, cfg: GLMConfig) -> list[int | None]:
-    return list(range(cfg.num_layers)) if rule.per_layer else [None]
-
-
 def ordered(rules: list[TensorRule], cfg: GLMConfig) -> Iterator[tuple[TensorRule, int | None]]:
     """State-dict order: tensors listed before the layer rules, then each layer's tensors in table
     order, then the remaining tensors."""
@@ -80,28 +89,25 @@ def ordered(rules: list[TensorRule], cfg: GLMConfig) -> Iterator[tuple[TensorRul
             yield r, None
 
 
-def merge_shards(parts: list[np.ndarray], split: str) -> np.ndarray:
-    """Undo GLM-130B's tensor-parallel split of one tensor (tools/convert_tp.py rules)."""
-    if split == "replicated" or len(parts) == 1:
-        return parts[0]
-    if split == "rows":
-        return np.concatenate(parts, 0)
-    if split == "cols":
-        return np.concatenate(parts, 1)
-    halves = [np.split(p, 2, axis=0) for p in parts]  # glu: every rank's values, then every gate
-    return np.concatenate([hv[0] for hv in halves] + [hv[1] for hv in halves], 0)
+def merge_to_jax(rule: TensorRule, parts: list[np.ndarray]) -> np.ndarray:
+    """Undo GLM-130B's tensor-parallel split (tools/convert_tp.py rules); parts in rank order."""
+    if rule.jax_axis is None or len(parts) == 1:
+        return rule.to_jax(parts[0])
+    return np.concatenate([rule.to_jax(p) for p in parts], axis=rule.jax_axis)
 
 
-def split_shard(full: np.ndarray, split: str, tp: int, rank: int) -> np.ndarray:
-    """Rank `rank`'s part of a merged tensor under GLM-130B's rules."""
-    if split == "replicated" or tp == 1:
-        return full
-    if split == "rows":
-        return np.split(full, tp, 0)[rank]
-    if split == "cols":
-        return np.split(full, tp, 1)[rank]
-    chunks = np.split(full, 2 * tp, 0)  # glu: [value_r; gate_r]
-    return np.concatenate([chunks[rank], chunks[tp + rank]], 0)
+def rank_slice(rule: TensorRule, ndim: int, size: int, tp: int, rank: int) -> tuple[slice, ...]:
+    """Where rank `rank`'s shard sits in the whole glmjax-layout tensor."""
+    if rule.jax_axis is None or tp == 1:
+        return ()
+    n = size // tp
+    return (slice(None),) * rule.jax_axis + (slice(rank * n, (rank + 1) * n),)
+
+
+def shard_from_jax(rule: TensorRule, arr: np.ndarray, tp: int, rank: int) -> np.ndarray:
+    """Rank `rank`'s tensor (torch layout) from the whole glmjax-layout array, copying only that rank."""
+    idx = rank_slice(rule, arr.ndim, arr.shape[rule.jax_axis] if rule.jax_axis is not None else 0, tp, rank)
+    return np.ascontiguousarray(rule.from_jax(arr[idx]))
 
 
 # --- GLM-130B weight-only quantization (quantization/functional.py, kernels) ---------------------

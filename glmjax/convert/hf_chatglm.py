@@ -21,7 +21,7 @@ from glmjax.config import GLMConfig
 from glmjax.convert import engine
 from glmjax.convert.engine import Source
 from glmjax.convert.tables import hf_chatglm_rules
-from glmjax.convert.torch_files import load_mmap, save_streaming, to_numpy
+from glmjax.convert.torch_files import TorchZipReader, save_streaming
 from glmjax.errors import CheckpointError
 
 INV_FREQ = "transformer.layers.{i}.attention.rotary_emb.inv_freq"
@@ -82,26 +82,35 @@ def check_chatglm_shape(cfg: GLMConfig) -> None:
 
 
 # --- safetensors ---------------------------------------------------------------------------------
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Memory-mapped arrays of a .safetensors file (read when touched)."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: truncated or corrupt ({e})") from None
-    size = os.path.getsize(path)
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if 8 + n + end > size:
-            raise CheckpointError(f"cannot read {path}: truncated ({key} ends past the end of the file)")
-        dt = _np_dtype(_ST_DTYPES[info["dtype"]])
-        out[key] = np.memmap(path, dtype=dt, mode="r", offset=8 + n + start,
-                             shape=tuple(info["shape"])) if end > start else np.zeros(info["shape"], dt)
-    return out
+class SafetensorsReader:
+    """A .safetensors file's index; tensor bytes are read with pread when asked for (nothing mapped)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {path}: truncated or corrupt ({e})") from None
+        size = os.path.getsize(path)
+        self.tensors: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if 8 + n + end > size:
+                raise CheckpointError(f"cannot read {path}: truncated ({key} ends past the end of the file)")
+            self.tensors[key] = (8 + n + start, tuple(info["shape"]), _np_dtype(_ST_DTYPES[info["dtype"]]))
+
+    def read(self, key: str) -> np.ndarray:
+        offset, shape, dt = self.tensors[key]
+        out = np.empty(shape, dt)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+                raise CheckpointError(f"cannot read {self.path}: truncated ({key})")
+        return out
 
 
 def _write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], Any]],
@@ -151,39 +160,46 @@ def hf_source(ckpt_dir: str) -> tuple[GLMConfig, Source]:
         raise CheckpointError(f"{ckpt_dir} has no config.json")
     with open(cfg_path) as f:
         cfg = config_from_hf(json.load(f), cfg_path)
-    tensors: dict[str, Any] = {}
-    owner: dict[str, str] = {}
+    readers: dict[str, Any] = {}  # key -> a reader that holds it
     for path in _weight_files(ckpt_dir):
-        sd = _read_safetensors(path) if path.endswith(".safetensors") else load_mmap(path)
-        if not isinstance(sd, dict):
-            raise CheckpointError(f"{path} does not hold a state dict")
-        for k, v in sd.items():
-            tensors[k], owner[k] = v, path
+        if path.endswith(".safetensors"):
+            reader = SafetensorsReader(path)
+            keys = list(reader.tensors)
+        else:
+            reader = TorchZipReader(path)
+            if not isinstance(reader.obj, dict):
+                raise CheckpointError(f"{path} does not hold a state dict")
+            keys = list(reader.obj)
+        readers.update({k: reader for k in keys})
     rules = hf_chatglm_rules(cfg)
     expected = {r.key(i) for r, i in engine.ordered(rules, cfg)}
-    keys = {k for k in tensors if not k.endswith("rotary_emb.inv_freq")}
+    keys = {k for k in readers if not k.endswith("rotary_emb.inv_freq")}
     if keys - expected:
         extra = sorted(keys - expected)[0]
-        raise CheckpointError(f"{owner[extra]}: unexpected tensor {extra!r}")
+        raise CheckpointError(f"{readers[extra].path}: unexpected tensor {extra!r}")
     if expected - keys:
         raise CheckpointError(f"{ckpt_dir}: missing tensor {sorted(expected - keys)[0]!r}")
     by_path = {r.path: r for r in rules}
 
-    def arr(key: str) -> np.ndarray:
-        t = tensors[key]
-        return np.asarray(t) if isinstance(t, np.ndarray) else to_numpy(t)
+    def meta(key: str) -> tuple[tuple[int, ...], np.dtype]:
+        r = readers[key]
+        if isinstance(r, SafetensorsReader):
+            return r.tensors[key][1], r.tensors[key][2]
+        return r.obj[key].shape, r.obj[key].dtype
+
+    for r, i in engine.ordered(rules, cfg):
+        if meta(r.key(i))[0] != r.shape:
+            raise CheckpointError(f"{readers[r.key(i)].path}: {r.key(i)} has shape {meta(r.key(i))[0]}, "
+                                  f"the config implies {r.shape}")
 
     def get(p: engine.Path, i: int | None) -> np.ndarray:
-        rule = by_path[p]
-        t = arr(rule.key(i))
-        if t.shape != rule.shape:
-            raise CheckpointError(f"{owner[rule.key(i)]}: {rule.key(i)} has shape {t.shape}, the config "
-                                  f"implies {rule.shape}")
-        return rule.to_jax(t)
+        key = by_path[p].key(i)
+        r = readers[key]
+        return by_path[p].to_jax(r.read(key) if isinstance(r, SafetensorsReader) else r.read(r.obj[key]))
 
     def dtype(p: engine.Path) -> np.dtype:
         rule = by_path[p]
-        return arr(rule.key(0 if rule.per_layer else None)).dtype
+        return meta(rule.key(0 if rule.per_layer else None))[1]
 
     return cfg, Source(get=get, dtype=dtype)
 

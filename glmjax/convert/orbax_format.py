@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from typing import Any
 
 import flax.linen as nn
@@ -120,19 +119,19 @@ def _orbax_skeleton(params_dir: str, shapes: dict[Path, tuple[int, ...]],
             json.dump(am, f)
 
 
-def write_params(out_dir: str, cfg: GLMConfig, tensors: Iterable[tuple[Path, int | None, np.ndarray]],
-                 dtypes: dict[Path, Any], extra_meta: dict[str, Any] | None = None) -> None:
-    """Write a glmjax checkpoint into the (new, empty) out_dir from (path, layer, array) pieces.
+def write_params(out_dir: str, cfg: GLMConfig, source: Source, dtype: Any = None,
+                 extra_meta: dict[str, Any] | None = None) -> None:
+    """Write a glmjax checkpoint into the (new, empty) out_dir from a Source, piece by piece.
 
-    Every parameter of the config must arrive exactly once per layer; glmjax.json is written last.
+    Each parameter (each layer of a stacked one) is written from the source's pieces straight into
+    its zarr array; glmjax.json is written last.
     """
     import tensorstore as ts
 
     shapes = _leaves(cfg)
-    dtypes = {p: np.dtype(dtypes[p]) for p in shapes}
+    dtypes = {p: np.dtype(dtype) if dtype else np.dtype(source.dtype(p)) for p in shapes}
     params_dir = os.path.join(out_dir, PARAMS_DIR)
     _orbax_skeleton(params_dir, shapes, dtypes)
-    stores = {}
     for path, shape in shapes.items():
         stacked = path[0] == "layers"
         dt = dtypes[path]
@@ -140,22 +139,20 @@ def write_params(out_dir: str, cfg: GLMConfig, tensors: Iterable[tuple[Path, int
                 "metadata": {"shape": list(shape), "dtype": "bfloat16" if dt.name == "bfloat16" else dt.str,
                              "chunks": _chunks(shape, dt.itemsize, stacked), "compressor": None,
                              "dimension_separator": "."}}
-        stores[path] = ts.open(spec, create=True, delete_existing=True).result()
-    seen: set[tuple[Path, int | None]] = set()
-    for path, layer, arr in tensors:
-        if path not in stores:
-            raise CheckpointError(f"parameter {'/'.join(path)} is not part of the config")
-        want = shapes[path][1:] if layer is not None else shapes[path]
-        if tuple(arr.shape) != want:
-            raise CheckpointError(f"parameter {'/'.join(path)}: shape {tuple(arr.shape)}, "
-                                  f"the config implies {want}")
-        target = stores[path] if layer is None else stores[path][layer]
-        target.write(np.asarray(arr).astype(dtypes[path], copy=False)).result()
-        seen.add((path, layer))
-    for path, shape in shapes.items():
-        for layer in (range(shape[0]) if path[0] == "layers" else [None]):
-            if (path, layer) not in seen:
-                raise CheckpointError(f"parameter {'/'.join(path)} (layer {layer}) was never written")
+        store = ts.open(spec, create=True, delete_existing=True).result()
+        for layer in (range(shape[0]) if stacked else [None]):
+            target = store if layer is None else store[layer]
+            want = shape[1:] if stacked else shape
+            covered = 0
+            for idx, part in source.iter_pieces(path, layer):
+                region = np.empty(want, np.uint8)[idx].shape if idx else want
+                if tuple(part.shape) != tuple(region):
+                    raise CheckpointError(f"parameter {'/'.join(path)}: piece of shape {tuple(part.shape)}, "
+                                          f"expected {tuple(region)}")
+                (target[idx] if idx else target).write(np.asarray(part).astype(dt, copy=False)).result()
+                covered += int(np.prod(region))
+            if covered != int(np.prod(want)):
+                raise CheckpointError(f"parameter {'/'.join(path)} (layer {layer}) was not completely written")
     meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), **(extra_meta or {})}
     with open(os.path.join(out_dir, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)

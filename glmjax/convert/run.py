@@ -96,9 +96,7 @@ def write(fmt: str, out_dir: str, cfg: GLMConfig, source: Source, *, tp: int | N
         hf_chatglm.write_hf(out_dir, source, cfg, dtype=dtype, safetensors=safetensors)
         return cfg
     out_cfg = cfg.replace(param_dtype=dtype) if dtype else cfg
-    dtypes = {r.path: np.dtype(dtype) if dtype else source.dtype(r.path) for r in sat_rules(cfg)}
-    pieces = ((r.path, i, source.get(r.path, i)) for r, i in engine.ordered(sat_rules(cfg), cfg))
-    orbax_format.write_params(out_dir, out_cfg, pieces, dtypes)
+    orbax_format.write_params(out_dir, out_cfg, source, dtype)
     return out_cfg
 
 

@@ -19,7 +19,7 @@ from glmjax.config import GLMConfig
 from glmjax.convert import engine
 from glmjax.convert.engine import Source, TensorRule
 from glmjax.convert.tables import sat_rules
-from glmjax.convert.torch_files import StreamingTorchFile, load_mmap, to_numpy
+from glmjax.convert.torch_files import StreamingTorchFile, TorchZipReader
 from glmjax.errors import CheckpointError
 
 SHARD_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -70,28 +70,28 @@ def check_tp(cfg: GLMConfig, tp: int, where: str) -> None:
                                   f"divisible by {tp}")
 
 
-def _load_module(path: str) -> dict[str, Any]:
-    obj = load_mmap(path)
-    if not isinstance(obj, dict) or not isinstance(obj.get("module"), dict):
+def _load_module(path: str) -> tuple[TorchZipReader, dict[str, Any]]:
+    reader = TorchZipReader(path)
+    if not isinstance(reader.obj, dict) or not isinstance(reader.obj.get("module"), dict):
         raise CheckpointError(f"{path} is not a SAT model-states file (no 'module' state dict)")
-    return obj["module"]
+    return reader, reader.obj["module"]
 
 
-def _quant_bits(rule: TensorRule, tensor: np.ndarray, tp: int) -> int:
+def _quant_bits(rule: TensorRule, shape: tuple[int, ...], tp: int) -> int:
     want = rule.shard_shape(tp)
-    if tensor.shape == want:
+    if shape == want:
         return 8
-    if tensor.shape == (want[0], want[1] // 2):
+    if shape == (want[0], want[1] // 2):
         return 4
     return 0
 
 
 def sat_source(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None) -> Source:
-    """Random access to a SAT checkpoint's tensors, merged and in glmjax layout.
+    """Random access to a SAT checkpoint's tensors in glmjax layout, shard by shard.
 
-    Every shard is memory-mapped and checked up front (keys, shard count); a tensor is read when
-    asked for. Quantized weights are dequantized shard by shard (their scales are per shard row)
-    to float16.
+    Every shard's index is read and checked up front (keys, shapes, shard count); tensor bytes are
+    read when asked for. Quantized weights are dequantized shard by shard (their scales are per
+    shard row) to float16.
     """
     _, paths = find_shards(ckpt_dir)
     tp = len(paths)
@@ -102,7 +102,7 @@ def sat_source(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None) -> S
     rules = sat_rules(cfg)
     expected = {r.key(i) for r, i in engine.ordered(rules, cfg)}
     scales = {r.key(i) + "_scale" for r, i in engine.ordered(rules, cfg) if r.quantizable}
-    for path, sd in zip(paths, shards):
+    for path, (_, sd) in zip(paths, shards):
         keys = {k for k in sd if not k.endswith(IGNORED_SUFFIXES)}
         extra = sorted(keys - expected - scales)
         if extra:
@@ -110,39 +110,57 @@ def sat_source(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None) -> S
             raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}{hint}")
         if expected - keys:
             raise CheckpointError(f"{path}: missing tensor {sorted(expected - keys)[0]!r}")
-    by_path = {r.path: r for r in rules}
-
-    def get(param: engine.Path, i: int | None) -> np.ndarray:
-        rule = by_path[param]
-        key, want = rule.key(i), rule.shard_shape(tp)
-        parts: list[np.ndarray] = []
-        for path, sd in zip(paths, shards):
-            t = to_numpy(sd[key])
-            if t.dtype == np.int8 and rule.quantizable:
-                bits = _quant_bits(rule, t, tp)
-                if not bits:
+        for rule, i in engine.ordered(rules, cfg):
+            key, want, t = rule.key(i), rule.shard_shape(tp), sd[rule.key(i)]
+            if rule.quantizable and t.dtype == np.int8:
+                if not _quant_bits(rule, t.shape, tp):
                     raise CheckpointError(f"{path}: quantized {key} has shape {t.shape}, the config implies "
                                           f"{want} (int8) or {(want[0], want[1] // 2)} (int4) per shard")
                 if key + "_scale" not in sd:
                     raise CheckpointError(f"{path}: quantized {key} has no {key}_scale")
-                t = engine.dequantize_rows(t, to_numpy(sd[key + "_scale"]), bits)
             elif t.shape != want:
                 raise CheckpointError(f"{path}: {key} has shape {t.shape}, the config implies {want} per "
                                       f"shard at tp={tp}")
-            if rule.split == "replicated":
-                if parts and not np.array_equal(parts[0], t):
-                    raise CheckpointError(f"{path}: replicated tensor {key} differs from rank 0's copy")
-                parts = parts or [t]
-            else:
-                parts.append(t)
-        return rule.to_jax(engine.merge_shards(parts, rule.split))
+    by_path = {r.path: r for r in rules}
+    full_shapes = {r.path: r.to_jax(np.empty(r.shape, np.uint8)).shape for r in rules}
+
+    def read_shard(rule: TensorRule, i: int | None, rank: int) -> np.ndarray:
+        reader, sd = shards[rank]
+        key = rule.key(i)
+        t = reader.read(sd[key])
+        if rule.quantizable and t.dtype == np.int8:
+            t = engine.dequantize_rows(t, reader.read(sd[key + "_scale"]), _quant_bits(rule, t.shape, tp))
+        return t
+
+    def pieces(param: engine.Path, i: int | None) -> Iterator[engine.Piece]:
+        rule = by_path[param]
+        if rule.jax_axis is None:  # replicated: rank 0's copy, after checking that the others agree
+            first = read_shard(rule, i, 0)
+            for rank in range(1, tp):
+                if not np.array_equal(first, read_shard(rule, i, rank)):
+                    raise CheckpointError(f"{paths[rank]}: replicated tensor {rule.key(i)} differs from "
+                                          f"rank 0's copy")
+            yield (), rule.to_jax(first)
+            return
+        size = full_shapes[param][rule.jax_axis]
+        for rank in range(tp):
+            idx = engine.rank_slice(rule, len(full_shapes[param]), size, tp, rank)
+            yield idx, rule.to_jax(read_shard(rule, i, rank))
+
+    def get(param: engine.Path, i: int | None) -> np.ndarray:
+        out = None
+        for idx, part in pieces(param, i):
+            if out is None:
+                out = np.empty(full_shapes[param], part.dtype)
+            out[idx] = part
+        return out
 
     def dtype(param: engine.Path) -> np.dtype:
         rule = by_path[param]
-        t = shards[0][rule.key(0 if rule.per_layer else None)]
-        return np.float16 if to_numpy(t[:0]).dtype == np.int8 else to_numpy(t[:0]).dtype
+        t = shards[0][1][rule.key(0 if rule.per_layer else None)]
+        return np.dtype(np.float16) if t.dtype == np.int8 else t.dtype
 
-    return Source(get=get, dtype=dtype)
+    return Source(get=get, dtype=dtype, pieces=pieces)
 
 
 def iter_sat_tensors(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None
@@ -206,9 +224,9 @@ def write_sat_checkpoint(out_dir: str, source: Source, cfg: GLMConfig, tp: int, 
             f.write(0, inv_parts[r])
         index = 1
         for rule, i in rules:  # each tensor is read once and split to every rank
-            full = rule.from_jax(source.get(rule.path, i))
+            full = source.get(rule.path, i)
             for r, f in enumerate(files):
-                part = engine.split_shard(full, rule.split, tp, r)
+                part = engine.shard_from_jax(rule, full, tp, r)
                 if quantized(rule):
                     q, scale = engine.quantize_rows(part, quantize_bits)
                     f.write(index, q)

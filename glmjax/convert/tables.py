@@ -1,5 +1,9 @@
 """Per-family tensor tables for the conversion engine: GLM-130B's SAT checkpoints and ChatGLM-6B's
-Hugging Face files. Tables list tensors in each format's own state-dict order."""
+Hugging Face files, each listing tensors in its format's own state-dict order.
+
+Transforms are written shape-agnostically (-1 where a tensor-parallel cut changes the size) so the
+same rule converts a whole tensor or one rank's shard.
+"""
 from __future__ import annotations
 
 from glmjax.config import GLMConfig
@@ -9,69 +13,57 @@ ident = lambda w: w  # noqa: E731
 
 
 def _glm_layer_rules(cfg: GLMConfig, mlp_order: tuple[str, str]) -> dict[str, list[TensorRule]]:
-    h, f, nh, d = cfg.hidden_size, cfg.inner_hidden_size, cfg.num_attention_heads, cfg.head_dim
+    h, f, d = cfg.hidden_size, cfg.inner_hidden_size, cfg.head_dim
     lay, att, mlp = "transformer.layers.{i}.", ("layers", "attention"), ("layers", "mlp")
-    post = ("layers", "post_attention_layernorm")
+
+    def norm(name: str) -> list[TensorRule]:
+        return [TensorRule(lay + f"{name}.weight", ("layers", name, "scale"), (h,), "replicated", None, ident, ident),
+                TensorRule(lay + f"{name}.bias", ("layers", name, "bias"), (h,), "replicated", None, ident, ident)]
+
     rules = {
-        "input_layernorm": [
-            TensorRule(lay + "input_layernorm.weight", ("layers", "input_layernorm", "scale"), (h,),
-                       "replicated", ident, ident),
-            TensorRule(lay + "input_layernorm.bias", ("layers", "input_layernorm", "bias"), (h,),
-                       "replicated", ident, ident)],
+        "input_layernorm": norm("input_layernorm"),
         "attention": [
             # rows are [head][q|k|v][head_dim]: glmjax keeps that grouping, input dim first
-            TensorRule(lay + "attention.query_key_value.weight", att + ("qkv_kernel",), (3 * h, h), "rows",
-                       lambda w: w.reshape(nh, 3, d, h).transpose(3, 0, 1, 2),
-                       lambda k: k.transpose(1, 2, 3, 0).reshape(3 * h, h), quantizable=True),
-            TensorRule(lay + "attention.query_key_value.bias", att + ("qkv_bias",), (3 * h,), "rows",
-                       lambda b: b.reshape(nh, 3, d), lambda b: b.reshape(3 * h)),
-            TensorRule(lay + "attention.dense.weight", att + ("dense_kernel",), (h, h), "cols",
-                       lambda w: w.T.reshape(nh, d, h), lambda k: k.reshape(h, h).T, quantizable=True),
-            TensorRule(lay + "attention.dense.bias", att + ("dense_bias",), (h,), "replicated",
-                       ident, ident)],
-        "post_attention_layernorm": [
-            TensorRule(lay + "post_attention_layernorm.weight", post + ("scale",), (h,), "replicated",
-                       ident, ident),
-            TensorRule(lay + "post_attention_layernorm.bias", post + ("bias",), (h,), "replicated",
-                       ident, ident)],
+            TensorRule(lay + "attention.query_key_value.weight", att + ("qkv_kernel",), (3 * h, h), "rows", 1,
+                       lambda w: w.reshape(-1, 3, d, h).transpose(3, 0, 1, 2),
+                       lambda k: k.transpose(1, 2, 3, 0).reshape(-1, h), quantizable=True),
+            TensorRule(lay + "attention.query_key_value.bias", att + ("qkv_bias",), (3 * h,), "rows", 0,
+                       lambda b: b.reshape(-1, 3, d), lambda b: b.reshape(-1)),
+            TensorRule(lay + "attention.dense.weight", att + ("dense_kernel",), (h, h), "cols", 0,
+                       lambda w: w.T.reshape(-1, d, h), lambda k: k.reshape(-1, h).T, quantizable=True),
+            TensorRule(lay + "attention.dense.bias", att + ("dense_bias",), (h,), "replicated", None, ident, ident)],
+        "post_attention_layernorm": norm("post_attention_layernorm"),
         "dense_4h_to_h": [
-            TensorRule(lay + "mlp.dense_4h_to_h.weight", mlp + ("wo_kernel",), (h, f), "cols",
+            TensorRule(lay + "mlp.dense_4h_to_h.weight", mlp + ("wo_kernel",), (h, f), "cols", 0,
                        lambda w: w.T, lambda k: k.T, quantizable=True),
-            TensorRule(lay + "mlp.dense_4h_to_h.bias", mlp + ("wo_bias",), (h,), "replicated", ident, ident)],
+            TensorRule(lay + "mlp.dense_4h_to_h.bias", mlp + ("wo_bias",), (h,), "replicated", None, ident, ident)],
     }
-    if cfg.glu:  # merged rows are [all value rows; all gate rows]
+    if cfg.glu:  # rows are [value rows; gate rows], of the whole tensor and of each rank's shard
         rules["dense_h_to_4h"] = [
-            TensorRule(lay + "mlp.dense_h_to_4h.weight", mlp + ("wi_kernel",), (2 * f, h), "glu",
-                       lambda w: w.reshape(2, f, h).transpose(2, 0, 1),
-                       lambda k: k.transpose(1, 2, 0).reshape(2 * f, h), quantizable=True),
-            TensorRule(lay + "mlp.dense_h_to_4h.bias", mlp + ("wi_bias",), (2 * f,), "glu",
-                       lambda b: b.reshape(2, f),
-                       lambda b: b.reshape(2 * f))]
+            TensorRule(lay + "mlp.dense_h_to_4h.weight", mlp + ("wi_kernel",), (2 * f, h), "glu", 2,
+                       lambda w: w.reshape(2, -1, h).transpose(2, 0, 1),
+                       lambda k: k.transpose(1, 2, 0).reshape(-1, h), quantizable=True),
+            TensorRule(lay + "mlp.dense_h_to_4h.bias", mlp + ("wi_bias",), (2 * f,), "glu", 1,
+                       lambda b: b.reshape(2, -1), lambda b: b.reshape(-1))]
     else:
         rules["dense_h_to_4h"] = [
-            TensorRule(lay + "mlp.dense_h_to_4h.weight", mlp + ("wi_kernel",), (f, h), "rows",
+            TensorRule(lay + "mlp.dense_h_to_4h.weight", mlp + ("wi_kernel",), (f, h), "rows", 1,
                        lambda w: w.T, lambda k: k.T, quantizable=True),
-            TensorRule(lay + "mlp.dense_h_to_4h.bias", mlp + ("wi_bias",), (f,), "rows", ident, ident)]
+            TensorRule(lay + "mlp.dense_h_to_4h.bias", mlp + ("wi_bias",), (f,), "rows", 0, ident, ident)]
     order = ["input_layernorm", "attention", "post_attention_layernorm", *mlp_order]
     return {k: rules[k] for k in order}
 
 
-def _final_rules(cfg: GLMConfig) -> list[TensorRule]:
-    h = cfg.hidden_size
-    return [TensorRule("transformer.final_layernorm.weight", ("final_layernorm", "scale"), (h,),
-                       "replicated", ident, ident),
-            TensorRule("transformer.final_layernorm.bias", ("final_layernorm", "bias"), (h,),
-                       "replicated", ident, ident)]
-
-
 def _glm_table(cfg: GLMConfig, mlp_order: tuple[str, str]) -> list[TensorRule]:
-    emb = TensorRule("transformer.word_embeddings.weight", ("word_embeddings",),
-                     (cfg.vocab_size, cfg.hidden_size), "rows", ident, ident)
-    layer = _glm_layer_rules(cfg, mlp_order)
-    rules = [emb] + [r for group in layer.values() for r in group] + _final_rules(cfg)
+    h, v = cfg.hidden_size, cfg.vocab_size
+    rules = [TensorRule("transformer.word_embeddings.weight", ("word_embeddings",), (v, h), "rows", 0, ident, ident)]
+    rules += [r for group in _glm_layer_rules(cfg, mlp_order).values() for r in group]
+    rules += [TensorRule("transformer.final_layernorm.weight", ("final_layernorm", "scale"), (h,), "replicated",
+                         None, ident, ident),
+              TensorRule("transformer.final_layernorm.bias", ("final_layernorm", "bias"), (h,), "replicated",
+                         None, ident, ident)]
     if not cfg.tie_word_embeddings:
-        rules.append(TensorRule("lm_head.weight", ("lm_head",), (cfg.vocab_size, cfg.hidden_size),
-                                "rows", ident, ident))
+        rules.append(TensorRule("lm_head.weight", ("lm_head",), (v, h), "rows", 0, ident, ident))
     return rules
 
 

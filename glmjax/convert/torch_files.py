@@ -1,5 +1,8 @@
 """Streaming reads and writes of PyTorch `.pt`/`.bin` files without holding a whole file in memory.
 
+Reading needs no torch: the zip's data.pkl is unpickled with an allow-list into tensor descriptors
+and each tensor's bytes are read with pread when asked for.
+
 Writing: torch.save's zip layout is produced by torch itself with `skip_data` over uninitialised
 tensors (never touched, so never resident), then each tensor's bytes are written into its reserved
 record one at a time, and the CRC-32s (data descriptors, central directory) and the
@@ -8,7 +11,10 @@ record one at a time, and the CRC-32s (data descriptors, central directory) and 
 """
 from __future__ import annotations
 
+import dataclasses
+import io
 import os
+import pickle
 import struct
 import zipfile
 import zlib
@@ -42,26 +48,113 @@ def torch_dtype(np_dtype: Any):
             "int64": torch.int64}[name]
 
 
-def to_numpy(t: Any) -> np.ndarray:
-    """A torch tensor as numpy without a float32 detour (bfloat16 via a bit view)."""
-    torch = require_torch()
-    if t.dtype == torch.bfloat16:
+_STORAGE_DTYPES = {"FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+                   "DoubleStorage": "float64", "CharStorage": "int8", "ByteStorage": "uint8",
+                   "ShortStorage": "int16", "IntStorage": "int32", "LongStorage": "int64", "BoolStorage": "bool"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor of a torch zip file: where its bytes are, not the bytes."""
+
+    storage: str
+    dtype: np.dtype
+    offset: int  # in elements, into the storage
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class TorchZipReader:
+    """Reads torch.save zip files (SAT model states, Hugging Face .bin) without torch.
+
+    data.pkl is unpickled with an allow-list that turns tensors into LazyTensor descriptors; a
+    tensor's bytes are read with pread into a fresh array only when asked for, so nothing of the
+    file stays mapped or resident afterwards.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint file not found: {path}")
+        try:
+            with zipfile.ZipFile(path) as z:
+                infos = z.infolist()
+                pkl = next(i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl")
+                prefix = pkl.filename[: -len("data.pkl")]
+                raw = z.read(pkl)
+            self.records = {i.filename[len(prefix):]: i for i in infos}
+            self.fd = os.open(path, os.O_RDONLY)
+            self.obj = _LazyUnpickler(io.BytesIO(raw)).load()
+        except CheckpointError:
+            raise
+        except Exception as e:  # BadZipFile, StopIteration, UnpicklingError, EOFError, ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot read {path}: truncated or corrupt ({first})") from None
+        self._data_start: dict[str, int] = {}
+
+    def _start(self, storage: str) -> int:
+        if storage not in self._data_start:
+            info = self.records.get(f"data/{storage}")
+            if info is None:
+                raise CheckpointError(f"cannot read {self.path}: truncated or corrupt (no record data/{storage})")
+            head = os.pread(self.fd, 30, info.header_offset)
+            n, e = struct.unpack("<HH", head[26:30])
+            self._data_start[storage] = info.header_offset + 30 + n + e
+        return self._data_start[storage]
+
+    def read(self, t: LazyTensor) -> np.ndarray:
+        """The tensor's values as a new C-contiguous array."""
+        count = int(np.prod(t.shape)) if t.shape else 1
+        itemsize = t.dtype.itemsize
+        contiguous = all(st == int(np.prod(t.shape[d + 1:])) for d, st in enumerate(t.stride) if t.shape[d] > 1)
+        if not contiguous:  # rare in checkpoints: read the span and let numpy apply the strides
+            span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride))
+            base = self.read(LazyTensor(t.storage, t.dtype, t.offset, (span,), (1,)))
+            return np.lib.stride_tricks.as_strided(base, t.shape, [st * itemsize for st in t.stride]).copy()
+        out = np.empty(t.shape, t.dtype)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        pos, done = self._start(t.storage) + t.offset * itemsize, 0
+        while done < count * itemsize:
+            got = os.preadv(self.fd, [buf[done:done + CHUNK]], pos + done)
+            if got <= 0:
+                raise CheckpointError(f"cannot read {self.path}: truncated or corrupt (tensor data ends early)")
+            done += got
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _LazyUnpickler(pickle.Unpickler):
+    """Unpickles torch's data.pkl into plain dicts of LazyTensor; refuses any other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return name
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        raise pickle.UnpicklingError(f"unsupported object {module}.{name} in a weights file")
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind, storage_type, key, _location, _numel = pid
+        if kind != "storage":
+            raise pickle.UnpicklingError(f"unsupported persistent id {kind!r}")
+        return storage_type, key
+
+
+def _rebuild(storage: tuple[str, str], offset: int, shape: tuple[int, ...], stride: tuple[int, ...],
+             *_: Any) -> LazyTensor:
+    storage_type, key = storage
+    dt = _STORAGE_DTYPES[storage_type]
+    if dt == "bfloat16":
         import ml_dtypes
 
-        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def load_mmap(path: str) -> Any:
-    """torch.load with memory mapping (tensors are read when touched); one clear error if damaged."""
-    torch = require_torch()
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # zip, pickle and EOF errors all mean a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read {path}: truncated or corrupt ({first})") from None
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(dt)
+    return LazyTensor(key, dtype, offset, tuple(shape), tuple(stride))
 
 
 def _hash_combine(seed: int, value: int) -> int:
