@@ -31,12 +31,22 @@ class Source:
     get: Callable[[Path, int | None], np.ndarray]
     dtype: Callable[[Path], np.dtype]
     pieces: Callable[[Path, int | None], Iterator[Piece]] | None = None
+    parts: int = 1  # how many pieces a split tensor comes in (SAT: the tensor-parallel degree)
+    read_slice: Callable[[Path, int | None, tuple[slice, ...]], np.ndarray] | None = None
 
     def iter_pieces(self, path: Path, layer: int | None) -> Iterator[Piece]:
         if self.pieces is not None:
             yield from self.pieces(path, layer)
         else:
             yield (), self.get(path, layer)
+
+    def reader(self, path: Path, layer: int | None) -> Callable[[tuple[slice, ...]], np.ndarray]:
+        """index -> part of one tensor: formats that read parts (orbax) read only the part asked
+        for; the others read the tensor once and slice it."""
+        if self.read_slice is not None:
+            return lambda idx: self.read_slice(path, layer, idx)
+        full = self.get(path, layer)
+        return lambda idx: full[idx]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +114,17 @@ def rank_slice(rule: TensorRule, ndim: int, size: int, tp: int, rank: int) -> tu
     return (slice(None),) * rule.jax_axis + (slice(rank * n, (rank + 1) * n),)
 
 
-def shard_from_jax(rule: TensorRule, arr: np.ndarray, tp: int, rank: int) -> np.ndarray:
-    """Rank `rank`'s tensor (torch layout) from the whole glmjax-layout array, copying only that rank."""
-    idx = rank_slice(rule, arr.ndim, arr.shape[rule.jax_axis] if rule.jax_axis is not None else 0, tp, rank)
-    return np.ascontiguousarray(rule.from_jax(arr[idx]))
+def shard_from_jax(rule: TensorRule, read: Callable[[tuple[slice, ...]], np.ndarray], shape: tuple[int, ...],
+                   tp: int, rank: int) -> np.ndarray:
+    """Rank `rank`'s tensor (torch layout) from `read(index)` of the glmjax-layout tensor of `shape`,
+    asking only for that rank's part."""
+    idx = rank_slice(rule, len(shape), shape[rule.jax_axis] if rule.jax_axis is not None else 0, tp, rank)
+    return np.ascontiguousarray(rule.from_jax(read(idx)))
+
+
+def jax_shape(rule: TensorRule) -> tuple[int, ...]:
+    """Shape of the whole tensor in glmjax's layout."""
+    return rule.to_jax(np.empty(rule.shape, np.uint8)).shape
 
 
 # --- GLM-130B weight-only quantization (quantization/functional.py, kernels) ---------------------

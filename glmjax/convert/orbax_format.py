@@ -69,11 +69,16 @@ def _kvstore(params_dir: str, path: Path) -> dict[str, str]:
     return {"driver": "file", "path": os.path.join(params_dir, _param_name(path))}
 
 
-def _chunks(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
-    """One layer per chunk along a stacked axis, then split the largest dim until <= CHUNK_BYTES."""
+def _chunks(shape: tuple[int, ...], itemsize: int, stacked: bool, align: tuple[int, int] | None = None
+            ) -> list[int]:
+    """One layer per chunk along a stacked axis; `align` = (axis, parts) cuts that axis into the
+    source's pieces so each piece fills whole chunks (no read-modify-write); then the largest dim is
+    split until a chunk is <= CHUNK_BYTES."""
     chunk = list(shape)
     if stacked:
         chunk[0] = 1
+    if align and align[1] > 1 and chunk[align[0]] % align[1] == 0:
+        chunk[align[0]] //= align[1]
     while int(np.prod(chunk)) * itemsize > CHUNK_BYTES:
         d = int(np.argmax(chunk[1:] if stacked else chunk)) + (1 if stacked else 0)
         k = next((k for k in range(2, chunk[d] + 1) if chunk[d] % k == 0), chunk[d])
@@ -128,16 +133,20 @@ def write_params(out_dir: str, cfg: GLMConfig, source: Source, dtype: Any = None
     """
     import tensorstore as ts
 
+    from glmjax.convert.tables import sat_rules
+
     shapes = _leaves(cfg)
     dtypes = {p: np.dtype(dtype) if dtype else np.dtype(source.dtype(p)) for p in shapes}
+    axes = {r.path: r.jax_axis for r in sat_rules(cfg)}
     params_dir = os.path.join(out_dir, PARAMS_DIR)
     _orbax_skeleton(params_dir, shapes, dtypes)
     for path, shape in shapes.items():
         stacked = path[0] == "layers"
         dt = dtypes[path]
+        align = None if axes[path] is None else (axes[path] + int(stacked), source.parts)
         spec = {"driver": "zarr", "kvstore": _kvstore(params_dir, path),
                 "metadata": {"shape": list(shape), "dtype": "bfloat16" if dt.name == "bfloat16" else dt.str,
-                             "chunks": _chunks(shape, dt.itemsize, stacked), "compressor": None,
+                             "chunks": _chunks(shape, dt.itemsize, stacked, align), "compressor": None,
                              "dimension_separator": "."}}
         store = ts.open(spec, create=True, delete_existing=True).result()
         for layer in (range(shape[0]) if stacked else [None]):
@@ -197,10 +206,14 @@ def orbax_source(path: str) -> tuple[GLMConfig, Source]:
         s = store(p)
         return np.asarray((s if layer is None else s[layer]).read().result())
 
+    def read_slice(p: Path, layer: int | None, idx: tuple[slice, ...]) -> np.ndarray:
+        s = store(p) if layer is None else store(p)[layer]
+        return np.asarray((s[idx] if idx else s).read().result())
+
     def dtype(p: Path) -> np.dtype:
         return np.dtype(store(p).dtype.numpy_dtype)
 
-    return cfg, Source(get=get, dtype=dtype)
+    return cfg, Source(get=get, dtype=dtype, read_slice=read_slice)
 
 
 def restore_params(path: str, mesh: jax.sharding.Mesh, cfg: GLMConfig | None = None) -> tuple[GLMConfig, Any]:

@@ -122,7 +122,7 @@ def sat_source(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None) -> S
                 raise CheckpointError(f"{path}: {key} has shape {t.shape}, the config implies {want} per "
                                       f"shard at tp={tp}")
     by_path = {r.path: r for r in rules}
-    full_shapes = {r.path: r.to_jax(np.empty(r.shape, np.uint8)).shape for r in rules}
+    full_shapes = {r.path: engine.jax_shape(r) for r in rules}
 
     def read_shard(rule: TensorRule, i: int | None, rank: int) -> np.ndarray:
         reader, sd = shards[rank]
@@ -160,7 +160,7 @@ def sat_source(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None) -> S
         t = shards[0][1][rule.key(0 if rule.per_layer else None)]
         return np.dtype(np.float16) if t.dtype == np.int8 else t.dtype
 
-    return Source(get=get, dtype=dtype, pieces=pieces)
+    return Source(get=get, dtype=dtype, pieces=pieces, parts=tp)
 
 
 def iter_sat_tensors(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None
@@ -223,10 +223,10 @@ def write_sat_checkpoint(out_dir: str, source: Source, cfg: GLMConfig, tp: int, 
         for r, f in enumerate(files):
             f.write(0, inv_parts[r])
         index = 1
-        for rule, i in rules:  # each tensor is read once and split to every rank
-            full = source.get(rule.path, i)
+        for rule, i in rules:  # each rank's part of each tensor is read once
+            shape, read = engine.jax_shape(rule), source.reader(rule.path, i)
             for r, f in enumerate(files):
-                part = engine.shard_from_jax(rule, full, tp, r)
+                part = engine.shard_from_jax(rule, read, shape, tp, r)
                 if quantized(rule):
                     q, scale = engine.quantize_rows(part, quantize_bits)
                     f.write(index, q)
