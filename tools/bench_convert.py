@@ -40,17 +40,32 @@ def synthetic_source(cfg: C.GLMConfig, seed: int = 0) -> engine.Source:
     return engine.Source(get=get, dtype=lambda path: np.dtype(np.float16))
 
 
-def run_child(argv: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one glmjax command in a fresh process (wait4's rusage
-    is that child's alone)."""
+# Runs glmjax in a child and records the child's own peak RSS (VmHWM) at exit. ru_maxrss from
+# wait4 would not do: a forked child starts from the parent's high-water mark.
+_CHILD = """
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+def report():
+    with open('/proc/self/status') as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith('VmHWM'))
+    with open(out, 'w') as f:
+        f.write(str(hwm * 1024))
+atexit.register(report)
+sys.argv[0] = 'glmjax'
+runpy.run_module('glmjax', run_name='__main__')
+"""
+
+
+def run_child(argv: list[str], work: str) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one glmjax command in a fresh process."""
+    peak_file = os.path.join(work, "peak_rss")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "glmjax", *argv])
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, peak_file, *argv])
     seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"glmjax {' '.join(argv)} failed with exit code {proc.returncode}")
-    return seconds, usage.ru_maxrss * 1024
+    with open(peak_file) as f:
+        return seconds, int(f.read())
 
 
 def dir_bytes(path: str) -> int:
@@ -86,7 +101,7 @@ def main() -> None:
             ("orbax->sat", ["convert", "--from", f"orbax:{ox}", "--to", f"sat:{sat_out}", "--tp", str(a.tp)]),
         ):
             shutil.rmtree(ox if name == "sat->orbax" else sat_out, ignore_errors=True)
-            seconds, peak = run_child(argv)
+            seconds, peak = run_child(argv, work)
             rows.append({"conversion": name, "seconds": round(seconds, 2),
                          "gb_per_s": round(ckpt_bytes / seconds / 1e9, 3), "peak_rss_gb": round(peak / 1e9, 3),
                          "peak_over_largest_tensor": round(peak / largest, 2)})
