@@ -82,7 +82,7 @@ def atomic_dir(dst: str, overwrite: bool) -> Iterator[str]:
 
 
 def write(fmt: str, out_dir: str, cfg: GLMConfig, source: Source, *, tp: int | None,
-          quantize: str | None, dtype: str | None, safetensors: bool) -> GLMConfig:
+          quantize: str | None, dtype: str | None, safetensors: bool, iteration: str | None = None) -> GLMConfig:
     """Write `source` in format `fmt` into the (empty) out_dir; returns the config written."""
     if quantize and fmt != "sat":
         raise GlmjaxError("--quantize writes GLM-130B's quantized SAT layout: use it with --to sat:...")
@@ -90,13 +90,15 @@ def write(fmt: str, out_dir: str, cfg: GLMConfig, source: Source, *, tp: int | N
         raise GlmjaxError("--tp applies to SAT output only (orbax and Hugging Face files are not split)")
     if fmt == "sat":
         bits = {None: None, "int8": 8, "int4": 4}[quantize]
-        sat.write_sat_checkpoint(out_dir, source, cfg, tp or 1, dtype=dtype, quantize_bits=bits)
+        sat.write_sat_checkpoint(out_dir, source, cfg, tp or 1, dtype=dtype, quantize_bits=bits,
+                                 iteration=iteration or "1")
         return cfg
     if fmt == "hf-chatglm":
         hf_chatglm.write_hf(out_dir, source, cfg, dtype=dtype, safetensors=safetensors)
         return cfg
     out_cfg = cfg.replace(param_dtype=dtype) if dtype else cfg
-    orbax_format.write_params(out_dir, out_cfg, source, dtype)
+    orbax_format.write_params(out_dir, out_cfg, source, dtype,
+                              extra_meta={"sat_iteration": iteration} if iteration else None)
     return out_cfg
 
 
@@ -149,12 +151,13 @@ def verify(src: tuple[str, str], dst: tuple[str, str], cfg: GLMConfig | None, me
 
     jax.config.update("jax_default_matmul_precision", "highest")
     results = []
-    for fmt, path in (src, dst):
+    for fmt, path in (src, dst):  # one model on the devices at a time
         c, params = load_params(fmt, path, cfg if fmt == "sat" else None, mesh)
         c = c.replace(dtype="float32")
         batch = verify_prompt(c, prompt_len)
         logits, _ = api.make_forward(c, mesh)(params, batch)
         results.append(np.asarray(jax.device_get(logits)))
+        del params, logits
         cfg = cfg or c
     return compare_logits(results[0], results[1])
 
@@ -169,9 +172,12 @@ def convert(src: str, dst: str, *, cfg: GLMConfig | None = None, tp: int | None 
         raise GlmjaxError("source and destination are the same directory")
     t0 = time.perf_counter()
     cfg, source = open_source(sfmt, spath, cfg)
+    # GLM-130B's iteration (49300 for the release) travels with the weights
+    iteration = (sat.find_shards(spath)[0] if sfmt == "sat" else
+                 orbax_format.read_meta(spath).get("sat_iteration") if sfmt == "orbax" else None)
     with atomic_dir(dpath, overwrite) as tmp:
         out_cfg = write(dfmt, tmp, cfg, source, tp=tp, quantize=quantize, dtype=dtype,
-                        safetensors=safetensors)
+                        safetensors=safetensors, iteration=iteration)
     seconds = time.perf_counter() - t0
     nbytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dpath) for f in fs)
     return {"config": out_cfg, "seconds": seconds, "bytes": nbytes}
