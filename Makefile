@@ -3,6 +3,9 @@
 #   make demo        the main job on an embedded default
 #   make info PRESET=glm-130b
 #   make forward CHECKPOINT=dir CONFIG=cfg.json INPUTS=in.npz OUTPUT=out.npz [MESH=data=2,tensor=4]
+#   make convert-sat2orbax SRC=glm-130b-sat DST=ckpt/glm-130b [CONFIG=experiments/models/glm-130b.json]
+#   make convert-orbax2sat SRC=ckpt/glm-130b DST=glm-130b-tp4 [TP=4] [QUANTIZE=int4]
+#   make bench         conversion memory/throughput at GLM-130B's shapes (BENCHMARKS.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +14,7 @@ STAMP := $(VENV)/.glmjax-installed
 CPU_MESH := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo info forward clean
+.PHONY: install test test-fast lint demo info forward convert-sat2orbax convert-orbax2sat bench sat-env clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +43,24 @@ info: $(STAMP)
 forward: $(STAMP)
 	$(CPU_MESH) $(PY) -m glmjax forward --checkpoint $(CHECKPOINT) --config $(CONFIG) \
 		--inputs $(INPUTS) --output $(OUTPUT) $(if $(MESH),--mesh $(MESH)) $(if $(DTYPE),--dtype $(DTYPE))
+
+CONFIG ?= experiments/models/glm-130b.json
+TP ?= 8
+convert-sat2orbax: $(STAMP)
+	$(CPU_MESH) $(PY) -m glmjax convert --from sat:$(SRC) --to orbax:$(DST) --config $(CONFIG) \
+		$(if $(VERIFY),--verify) $(if $(MESH),--mesh $(MESH))
+
+convert-orbax2sat: $(STAMP)
+	$(CPU_MESH) $(PY) -m glmjax convert --from orbax:$(SRC) --to sat:$(DST) --tp $(TP) \
+		$(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(VERIFY),--verify) $(if $(MESH),--mesh $(MESH))
+
+BENCH_LAYERS ?= 2
+bench: $(STAMP)
+	$(PY) tools/bench_convert.py --layers $(BENCH_LAYERS) --tp 8
+
+# GLM-130B's own PyTorch model class (SwissArmyTransformer), for tests/test_sat_model_class.py
+sat-env:
+	VENV=.venv-sat bash ../shared/reference/setup.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

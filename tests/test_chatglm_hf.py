@@ -201,3 +201,19 @@ def test_hf_errors(tmp_path, hf_dir):
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(Exception, match="truncated or corrupt"):
         hf_chatglm.hf_source(str(trunc))
+
+
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_sharded_hf_output_with_index_reads_back(tmp_path, hf_dir, safetensors):
+    folder, sd = hf_dir
+    cfg, src = hf_chatglm.hf_source(folder)
+    written = hf_chatglm.write_hf(str(tmp_path), src, cfg, safetensors=safetensors, shard_bytes=100_000)
+    assert len(written) > 2
+    index = "model.safetensors.index.json" if safetensors else "pytorch_model.bin.index.json"
+    with open(tmp_path / index) as f:
+        weight_map = json.load(f)["weight_map"]
+    assert set(weight_map) == set(sd) and set(weight_map.values()) == {os.path.basename(w) for w in written}
+    back = _read_all(str(tmp_path))
+    for k, v in sd.items():
+        if not k.endswith("inv_freq"):
+            np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
