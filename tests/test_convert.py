@@ -109,13 +109,34 @@ def test_quantized_sat_layout_matches_glm130b(tmp_path, glm_test_cfg, bits):
                 assert torch.equal(got[k + "_scale"], scale), k
             else:
                 assert torch.equal(got[k], v), k
-    # reading it back dequantizes shard by shard: within half a quantization step of the weights
+    # reading it back dequantizes shard by shard: within half a quantization step (the row's scale)
+    # of every weight -- plus what GLM-130B's float16 arithmetic adds: the rounding of w / scale
+    # (half a float16 ulp of the quotient, in steps) and of q * scale
     src = sat_source(str(tmp_path / "q"), cfg)
-    rule = next(r for r in sat_rules(cfg) if r.name.endswith("attention.dense.weight"))
-    w = rule.from_jax(src.get(rule.path, 1)).astype(np.float32)
-    ref = sd[rule.key(1)].float().numpy()
-    step = np.abs(ref).max() / (2 ** (bits - 1) - 1)
-    assert np.abs(w - ref).max() <= 0.5 * step + 1e-2
+    for rule in (r for r in sat_rules(cfg) if r.quantizable):
+        for layer in range(cfg.num_layers):
+            key = rule.key(layer)
+            got = rule.from_jax(src.get(rule.path, layer)).astype(np.float64)
+            want = sd[key].double().numpy()
+            steps = [np.repeat(glm130b_quantize(s[key], bits)[1].double().numpy()[:, None], s[key].shape[1], 1)
+                     for s in split_like_convert_tp({key: sd[key]}, 2)]
+            step = rule.from_jax(engine.merge_to_jax(rule, steps))
+            quotient_ulp = np.spacing(np.abs(want / step).astype(np.float16)).astype(np.float64)
+            bound = step * (0.5 + quotient_ulp / 2) + np.spacing(np.abs(got).astype(np.float16))
+            assert (np.abs(got - want) <= bound).all(), key
+            assert np.abs(got - want).max() > 0.1 * step.max()  # it was quantized
+
+
+def test_quantization_on_known_values():
+    q, scale = engine.quantize_rows(np.array([[127.0, -63.5, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]), 8)
+    assert scale.dtype == np.float16 and scale.tolist() == [1.0, 0.0]
+    assert q.tolist() == [[127, -64, 0, 1], [0, 0, 0, 0]]  # round half to even, as torch.round
+    q4, scale4 = engine.quantize_rows(np.array([[7.0, -7.0, 1.0, -1.0], [3.5, -1.75, 0.0, 0.25]]), 4)
+    assert scale4.tolist() == [1.0, 0.5]
+    # even column in the high nibble: (7 << 4) | (-7 & 0xF) = 0x79, (1 << 4) | (-1 & 0xF) = 0x1F
+    assert q4.view(np.uint8).tolist() == [[0x79, 0x1F], [0x7C, 0x00]]  # -3.5 rounds to -4
+    np.testing.assert_array_equal(engine.dequantize_rows(q4, scale4, 4),
+                                  np.array([[7, -7, 1, -1], [3.5, -2, 0, 0]], np.float16))
 
 
 def test_quantized_source_without_its_scales_is_an_error(tmp_path, glm_test_cfg):
