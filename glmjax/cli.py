@@ -138,6 +138,34 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_tokenizer(a: argparse.Namespace) -> int:
+    import glob
+
+    from glmjax.data.tokenizer import load_tokenizer, train_tokenizer
+
+    if a.action == "train":
+        if not a.input or not a.out:
+            raise InputError("tokenizer train needs --input FILES and --out DIR")
+        files = sorted({f for pattern in a.input for f in (glob.glob(pattern) or [pattern])})
+        tok = train_tokenizer(files, a.vocab_size, a.out, a.layout)
+        print(f"wrote {a.out}: {tok.num_text} SentencePiece pieces, layout {tok.layout.name}, model vocabulary "
+              f"{tok.vocab_size}, [MASK] {tok['MASK']}, [gMASK] {tok['gMASK']}, sop {tok['sop']}, eos {tok.eos_id}")
+        return 0
+    if not a.tokenizer:
+        raise InputError(f"tokenizer {a.action} needs --tokenizer DIR")
+    tok = load_tokenizer(a.tokenizer)
+    data = sys.stdin.read()
+    if a.action == "encode":
+        print(" ".join(str(i) for i in tok.encode(data[:-1] if data.endswith("\n") else data)))
+    else:
+        try:
+            ids = [int(x) for x in data.split()]
+        except ValueError as e:
+            raise InputError(f"decode reads whitespace-separated integer ids: {e}") from None
+        sys.stdout.write(tok.decode(ids) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmjax", description="GLM-130B in JAX: inspect, run, compare.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -176,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--quantize/--dtype conversions: largest mean KL divergence accepted")
     cv.add_argument("--mesh", default=None, help="mesh for --verify (default one device)")
     cv.set_defaults(func=cmd_convert)
+    tk = sub.add_parser("tokenizer", help="train a GLM tokenizer, or encode/decode with one (stdin -> stdout)")
+    tk.add_argument("action", choices=("train", "encode", "decode"))
+    tk.add_argument("--tokenizer", help="tokenizer directory (or icetk's ice_text.model) for encode/decode")
+    tk.add_argument("--input", nargs="+", default=[], help="train: text files or globs")
+    tk.add_argument("--vocab-size", type=int, default=32000, help="train: SentencePiece pieces")
+    tk.add_argument("--layout", choices=("glm-130b", "chatglm-6b"), default="glm-130b")
+    tk.add_argument("--out", help="train: output directory")
+    tk.set_defaults(func=cmd_tokenizer)
     return p
 
 
