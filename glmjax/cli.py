@@ -166,6 +166,43 @@ def cmd_tokenizer(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from glmjax.data import pipeline
+
+    if a.action == "prepare":
+        from glmjax.convert.run import atomic_dir
+
+        t0 = time.perf_counter()
+        with atomic_dir(a.out, a.overwrite) as tmp:
+            stats = pipeline.prepare(a.input, a.tokenizer, tmp, instructions=a.instructions,
+                                     text_field=a.text_field, seq_length=a.seq_length)
+        secs = time.perf_counter() - t0
+        print(f"wrote {a.out}: {stats.documents} documents, {stats.tokens} tokens from {stats.files} files in "
+              f"{secs:.1f} s ({stats.tokens / max(secs, 1e-9):,.0f} tokens/s); skipped lines: {stats.bad_utf8} not "
+              f"UTF-8, {stats.bad_json} not a JSON object, {stats.missing_field} missing a field; "
+              f"{stats.empty_files} empty files; {stats.long_documents} documents longer than a sequence (split); "
+              f"{stats.instructions} instruction samples")
+        return 0
+    spec = pipeline.load_data_config(a.config, a.overrides)
+    shards = pipeline.TokenShards(spec["path"])
+    model = spec["model"]
+    loader = pipeline.GLMLoader(shards, spec["objective"], global_batch=1, seed=spec["seed"],
+                                model_vocab=model.vocab_size if model else None)
+    rows, samples = [], []
+    for i in range(a.num_samples):
+        seq, smp = loader.sequence(i)
+        rows.append(seq)
+        samples += smp
+    arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    _atomic_savez(a.output, arrays)
+    stats = pipeline.objective_statistics(samples, a.num_samples)
+    print(f"wrote {a.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
+    print("objective: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmjax", description="GLM-130B in JAX: inspect, run, compare.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,6 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--layout", choices=("glm-130b", "chatglm-6b"), default="glm-130b")
     tk.add_argument("--out", help="train: output directory")
     tk.set_defaults(func=cmd_tokenizer)
+    da = sub.add_parser("data", help="prepare a corpus into token shards, or inspect GLM training sequences")
+    dsub = da.add_subparsers(dest="action", required=True)
+    dp = dsub.add_parser("prepare", help="tokenize .txt/.jsonl files once into shards on disk")
+    dp.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    dp.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl files or globs")
+    dp.add_argument("--instructions", nargs="*", default=[], help="jsonl of {input, target} objects")
+    dp.add_argument("--text-field", default="text", help="jsonl field holding a document")
+    dp.add_argument("--seq-length", type=int, default=2048, help="to count documents longer than a sequence")
+    dp.add_argument("--out", required=True, help="output directory")
+    dp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    dp.set_defaults(func=cmd_data)
+    di = dsub.add_parser("inspect", help="write N training sequences as the trainer sees them")
+    di.add_argument("--config", required=True, help="experiment file with data:, objective: (and model:)")
+    di.add_argument("overrides", nargs="*", metavar="section.key=value")
+    di.add_argument("--num-samples", type=int, default=16)
+    di.add_argument("--output", default="inspect.npz", help="npz to write")
+    di.set_defaults(func=cmd_data)
     return p
 
 
