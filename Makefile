@@ -57,6 +57,7 @@ convert-orbax2sat: $(STAMP)
 BENCH_LAYERS ?= 2
 bench: $(STAMP)
 	$(PY) tools/bench_convert.py --layers $(BENCH_LAYERS) --tp 8
+	$(PY) tools/bench_data.py
 
 # GLM-130B's own PyTorch model class (SwissArmyTransformer), for tests/test_sat_model_class.py
 sat-env:

@@ -79,6 +79,13 @@ def test_special_tokens_written_in_text(tok):
         tok.decode([tok.vocab_size + 5])
 
 
+def test_a_bare_sentencepiece_model_loads_with_glm130b_layout(tok, tmp_path):
+    """icetk's ice_text.model is a bare SentencePiece file: it loads under GLM-130B's layout."""
+    tok.save(str(tmp_path / "t"))
+    bare = load_tokenizer(str(tmp_path / "t" / "tokenizer.model"))
+    assert bare.layout.name == "glm-130b" and bare["MASK"] == 20000 + bare.num_text
+
+
 def test_tokenizer_cli_round_trip(tok, monkeypatch, capsys, tmp_path):
     tok.save(str(tmp_path / "t"))
     monkeypatch.setattr(sys, "stdin", io.StringIO("GLM 通用语言模型 [MASK]\n"))
