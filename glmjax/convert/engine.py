@@ -158,19 +158,6 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray, bits: int, out_dtype: Any 
     return (q.astype(np.float16) * np.asarray(scale, np.float16)[:, None]).astype(out_dtype)
 
 
-def tree_source(params: Any) -> Source:
-    """A Source over a glmjax parameter pytree (numpy or jax arrays)."""
-
-    def leaf(path: Path) -> Any:
-        node = params
-        for k in path:
-            node = node[k]
-        return node
-
-    return Source(get=lambda path, layer: np.asarray(leaf(path) if layer is None else leaf(path)[layer]),
-                  dtype=lambda path: np.dtype(leaf(path).dtype))
-
-
 class TreeBuilder:
     """Assembles (path, layer, array) pieces into a glmjax parameter pytree of numpy arrays."""
 
