@@ -203,6 +203,12 @@ def cmd_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    from glmjax.train.loop import main as train_main
+
+    return train_main(a.config, a.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmjax", description="GLM-130B in JAX: inspect, run, compare.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -241,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--quantize/--dtype conversions: largest mean KL divergence accepted")
     cv.add_argument("--mesh", default=None, help="mesh for --verify (default one device)")
     cv.set_defaults(func=cmd_convert)
+    tr = sub.add_parser("train", help="train (or resume) a GLM from an experiment file")
+    tr.add_argument("config", help="experiment YAML (model:, data:, objective:, optim:, loss_scale:, train:)")
+    tr.add_argument("overrides", nargs="*", metavar="section.key=value")
+    tr.set_defaults(func=cmd_train)
     tk = sub.add_parser("tokenizer", help="train a GLM tokenizer, or encode/decode with one (stdin -> stdout)")
     tk.add_argument("action", choices=("train", "encode", "decode"))
     tk.add_argument("--tokenizer", help="tokenizer directory (or icetk's ice_text.model) for encode/decode")

@@ -1,0 +1,230 @@
+"""`glmjax train`: experiment config -> data -> sharded state -> steps -> metrics -> orbax checkpoints.
+
+An experiment file has sections model:, data:, objective:, optim:, loss_scale:, train:. A run resumes
+from the newest complete checkpoint in train.checkpoint_dir: parameters, optimizer state, loss scale,
+step, consumed samples, RNG and the data position.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from glmjax import config as C
+from glmjax.data import pipeline
+from glmjax.data.objective import ObjectiveConfig
+from glmjax.errors import ConfigError, GlmjaxError
+from glmjax.model.api import init_params
+from glmjax.parallel import rules
+from glmjax.parallel.mesh import make_mesh
+from glmjax.train import optim, precision
+from glmjax.train import step as S
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    steps: int = 100
+    micro_batch: int = 8  # rows of one micro-batch (global); a step runs global_batch / micro_batch of them
+    mesh: str | None = None
+    checkpoint_dir: str = "runs/train"
+    checkpoint_every: int = 50
+    keep: int = 3
+    log_every: int = 1
+    seed: int = 1234
+    egs_alpha: float = 1.0  # embedding gradient shrink alpha (GLM-130B: 0.1)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch", "checkpoint_every", "keep", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train: {name} must be positive, got {getattr(self, name)}")
+
+
+def _section(raw: dict[str, Any], name: str, cls: type, source: str) -> Any:
+    values = dict(raw.get(name) or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown {name} key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    if "rampup_batch_size" in values and values["rampup_batch_size"] is not None:
+        values["rampup_batch_size"] = tuple(values["rampup_batch_size"])
+    return cls(**values)
+
+
+def load_experiment(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """All sections of an experiment file, `section.key=value` overrides applied, each validated."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"experiment file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    sections = ("model", "data", "objective", "optim", "loss_scale", "train")
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r} (sections: {', '.join(sections)})")
+    raw = {k: dict(raw.get(k) or {}) for k in sections}
+    for key, value in C.parse_overrides(overrides).items():
+        section, _, name = key.partition(".")
+        if section not in sections or not name:
+            raise ConfigError(f"override {key!r} must be SECTION.KEY with SECTION one of {', '.join(sections)}")
+        raw[section][name] = value
+    model_raw = dict(raw["model"])
+    preset = model_raw.pop("preset", None)
+    model = C.resolve(preset, overrides=model_raw) if preset else C.from_dict(model_raw, source=f"{path} model")
+    obj = dict(raw["objective"])
+    obj.setdefault("seq_length", model.max_sequence_length)
+    obj.setdefault("position_encoding_2d", model.position_encoding_2d)
+    data = dict(raw["data"])
+    if "path" not in data:
+        raise ConfigError(f"{path}: data.path is required (a directory written by `glmjax data prepare`)")
+    run = _section(raw, "train", RunConfig, path)
+    opt = _section(raw, "optim", optim.OptimConfig, path)
+    ramp = opt.rampup_batch_size or (opt.global_batch, opt.global_batch, 1)
+    if opt.global_batch % run.micro_batch or ramp[0] % run.micro_batch or ramp[1] % run.micro_batch:
+        raise ConfigError(f"{path}: global batch {opt.global_batch} (and its ramp) must be a multiple of "
+                          f"train.micro_batch={run.micro_batch}")
+    return {"model": model, "data": data, "objective": ObjectiveConfig(**obj), "optim": opt,
+            "loss_scale": _section(raw, "loss_scale", precision.LossScaleConfig, path), "train": run}
+
+
+class _Stop:
+    """SIGTERM / SIGINT: finish the step, write a checkpoint, exit (preemption)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _manager(directory: str, keep: int):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=True, create=True),
+        item_names=("state", "meta"))
+
+
+def _savable(state: S.TrainState) -> dict[str, Any]:
+    d = state._asdict()
+    d["rng"] = jax.random.key_data(state.rng)
+    d["loss_scale"] = state.loss_scale._asdict()
+    return d
+
+
+def _from_savable(d: dict[str, Any]) -> S.TrainState:
+    d = dict(d)
+    d["rng"] = jax.random.wrap_key_data(d["rng"])
+    d["loss_scale"] = precision.LossScale(**d["loss_scale"])
+    return S.TrainState(**d)
+
+
+def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
+    """Run (or resume) an experiment; returns the last metrics."""
+    import orbax.checkpoint as ocp
+
+    cfg, run, oc, lc = exp["model"], exp["train"], exp["optim"], exp["loss_scale"]
+    mesh = make_mesh(run.mesh)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if run.micro_batch % dp:
+        raise ConfigError(f"train.micro_batch={run.micro_batch} is not divisible by the data parallelism "
+                          f"data*fsdp={dp} of mesh {dict(mesh.shape)}")
+    shards = pipeline.TokenShards(exp["data"]["path"])
+    loader = pipeline.GLMLoader(shards, exp["objective"], global_batch=run.micro_batch,
+                                seed=int(exp["data"].get("seed", 0)), process_index=jax.process_index(),
+                                process_count=jax.process_count(), model_vocab=cfg.vocab_size)
+    max_micro = oc.global_batch // run.micro_batch
+    state = S.init_state(cfg, init_params(cfg, jax.random.key(run.seed), mesh), oc, lc, run.seed)
+    step_fn = S.make_train_step(cfg, oc, lc, mesh, state)
+    mngr = _manager(run.checkpoint_dir, run.keep)
+    data_position = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                              _savable(state))
+        restored = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                meta=ocp.args.JsonRestore()))
+        state = _from_savable(restored["state"])
+        data_position = int(restored["meta"]["data_position"])
+        log(f"resumed from {run.checkpoint_dir} step {latest} (data position {data_position})")
+    metrics_path = os.path.join(run.checkpoint_dir, "metrics.jsonl")
+    stop = _Stop()
+    kill_after = int(os.environ.get("GLMJAX_TEST_SIGKILL_AFTER_STEP", "0"))  # tests: a real kill -9
+    last: dict[str, Any] = {}
+    try:
+        while int(state.step) < run.steps and not stop.requested:
+            t0 = time.perf_counter()
+            consumed = int(state.consumed_samples)
+            n_micro = optim.batch_size(oc, consumed) // run.micro_batch
+            rows = []
+            for j in range(max_micro):  # unused micro-batches are zeros: fixed shapes, one program
+                if j < n_micro:
+                    loader.next_sequence = data_position + j * run.micro_batch
+                    rows.append(loader.next_batch())
+                else:
+                    rows.append(jax.tree.map(np.zeros_like, rows[0]))
+            local = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            batch = {k: jax.make_array_from_process_local_data(
+                rules.named(mesh, None, "batch", *((None,) * (v.ndim - 2))), v) for k, v in local.items()}
+            lr = optim.learning_rate(oc, consumed)
+            state, m = step_fn(state, batch, n_micro, lr, run.egs_alpha)
+            data_position += n_micro * run.micro_batch
+            step = int(state.step)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            dt = time.perf_counter() - t0
+            m.update(step=step, batch_size=n_micro * run.micro_batch, step_time=dt,
+                     tokens_per_s=m["tokens"] / dt, data_position=data_position)
+            last = m
+            if jax.process_index() == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                if step % run.log_every == 0:
+                    log(f"step {step}/{run.steps} loss {m['loss']:.4f} acc {m['accuracy']:.3f} "
+                        f"lr {m['learning_rate']:.3g} gnorm {m['grad_norm']:.3f} scale {m['loss_scale']:.0f} "
+                        f"{m['tokens_per_s']:.0f} tok/s")
+            if step % run.checkpoint_every == 0 or step == run.steps or stop.requested:
+                mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_savable(state)),
+                                                        meta=ocp.args.JsonSave({"data_position": data_position})))
+                if kill_after and step >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)  # mid-save: the async write is still running
+                mngr.wait_until_finished()
+            if kill_after and step >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        stop.restore()
+        mngr.wait_until_finished()
+        mngr.close()
+    if stop.requested:
+        log(f"stopped by signal at step {int(state.step)}; checkpoint written")
+    return last
+
+
+def main(path: str, overrides: Sequence[str]) -> int:
+    exp = load_experiment(path, overrides)
+    try:
+        train(exp, log=lambda msg: print(msg, flush=True))
+    except GlmjaxError:
+        raise
+    except KeyboardInterrupt:
+        print("glmjax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+

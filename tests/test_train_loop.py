@@ -1,0 +1,120 @@
+"""`glmjax train` as a real process: exact resume after kill -9, a kill during an asynchronous save,
+and bad experiment files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_tokenizer import bilingual_lines
+
+from glmjax.cli import main
+from glmjax.data import pipeline
+from glmjax.data.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    (d / "corpus.txt").write_text("\n\n".join(bilingual_lines(1500, 4)) + "\n", encoding="utf-8")
+    tok = train_tokenizer([str(d / "corpus.txt")], 800, str(d / "tok"))
+    pipeline.prepare([str(d / "corpus.txt")], str(d / "tok"), str(d / "data"))
+    (d / "exp.yaml").write_text(f"""
+model:
+  num_layers: 2
+  hidden_size: 64
+  num_attention_heads: 4
+  inner_hidden_size: 128
+  vocab_size: {tok.vocab_size}
+  max_sequence_length: 128
+  hidden_dropout: 0.1
+  attention_dropout: 0.1
+data:
+  path: {d / 'data'}
+  seed: 3
+objective:
+  window: 32
+optim:
+  lr: 0.002
+  min_lr: 0.0002
+  warmup_samples: 16
+  decay_samples: 400
+  rampup_batch_size: [8, 8, 16]
+  global_batch: 16
+train:
+  steps: 6
+  micro_batch: 8
+  mesh: data=2,fsdp=2,tensor=2
+  checkpoint_every: 3
+  keep: 3
+""")
+    return d
+
+
+def run(exp_dir, ckpt, *extra, kill_after=None):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    if kill_after:
+        env["GLMJAX_TEST_SIGKILL_AFTER_STEP"] = str(kill_after)
+    return subprocess.run([sys.executable, "-m", "glmjax", "train", str(exp_dir / "exp.yaml"),
+                           f"train.checkpoint_dir={ckpt}", *extra], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def metrics(ckpt):
+    out = {}
+    with open(os.path.join(ckpt, "metrics.jsonl")) as f:
+        for line in f:
+            m = json.loads(line)
+            out[m["step"]] = m  # a resumed run rewrites the steps after its checkpoint
+    return out
+
+
+def final_params(ckpt, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as c:
+        return c.restore(os.path.join(ckpt, str(step), "state"))["params"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_exact_and_a_kill_during_save_keeps_the_previous_checkpoint(experiment):
+    d = experiment
+    straight = run(d, d / "a")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    ref = metrics(d / "a")
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(m["loss"]) for m in ref.values())
+    assert ref[1]["batch_size"] == 8 and ref[6]["batch_size"] == 16  # the ramp, one compiled step
+
+    killed = run(d, d / "b", kill_after=4)  # checkpoint 3 is committed, step 4 dies with SIGKILL
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run(d, d / "b")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "step 3" in resumed.stdout
+    got = metrics(d / "b")
+    for step in range(1, 7):
+        assert got[step]["loss"] == ref[step]["loss"], step  # bitwise on CPU
+    import jax
+
+    jax.tree.map(np.testing.assert_array_equal, final_params(d / "b", 6), final_params(d / "a", 6))
+
+    mid_save = run(d, d / "c", kill_after=6)  # killed while checkpoint 6 is being written
+    assert mid_save.returncode == -signal.SIGKILL
+    assert "6" not in [n for n in os.listdir(d / "c") if n.isdigit()] or not os.path.exists(d / "c" / "6" / "state")
+    again = run(d, d / "c")
+    assert again.returncode == 0 and "step 3" in again.stdout
+    assert metrics(d / "c")[6]["loss"] == ref[6]["loss"]
+
+
+@pytest.mark.parametrize("override, msg", [
+    ("train.stepz=3", "unknown train key 'stepz'"),
+    ("train.mesh=data=3", "needs 3 devices"),
+    ("train.micro_batch=6", "must be a multiple of train.micro_batch=6"),
+    ("optim.lr=-1", "need 0 < min_lr <= lr"),
+    ("model.num_attention_heads=5", "does not divide hidden_size"),
+])
+def test_bad_experiments_fail_at_start_with_one_line(experiment, capsys, override, msg):
+    assert main(["train", str(experiment / "exp.yaml"), override,
+                 f"train.checkpoint_dir={experiment / 'bad'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("glmjax: error: ") and len(err.splitlines()) == 1 and msg in err, err
