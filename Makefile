@@ -6,6 +6,7 @@
 #   make convert-sat2orbax SRC=glm-130b-sat DST=ckpt/glm-130b [CONFIG=experiments/models/glm-130b.json]
 #   make convert-orbax2sat SRC=ckpt/glm-130b DST=glm-130b-tp4 [TP=4] [QUANTIZE=int4]
 #   make bench         conversion memory/throughput at GLM-130B's shapes (BENCHMARKS.md)
+#   make train [TRAIN_CONFIG=experiments/x.yaml] [ARGS="train.steps=10"]   (resumes automatically)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,8 @@ STAMP := $(VENV)/.glmjax-installed
 CPU_MESH := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo info forward convert-sat2orbax convert-orbax2sat bench sat-env clean
+.PHONY: install test test-fast lint demo info forward convert-sat2orbax convert-orbax2sat bench sat-env clean \
+	data-pydoc train
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +55,19 @@ convert-sat2orbax: $(STAMP)
 convert-orbax2sat: $(STAMP)
 	$(CPU_MESH) $(PY) -m glmjax convert --from orbax:$(SRC) --to sat:$(DST) --tp $(TP) \
 		$(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(VERIFY),--verify) $(if $(MESH),--mesh $(MESH))
+
+# Python's own documentation text as a corpus, a 4000-piece GLM-130B-layout tokenizer, token shards
+runs/data/pydoc/manifest.json: $(STAMP)
+	mkdir -p runs/corpus
+	$(PY) -c "from pydoc_data.topics import topics; open('runs/corpus/pydoc.txt', 'w').write('\n\n'.join(topics.values()))"
+	$(PY) -m glmjax tokenizer train --input runs/corpus/pydoc.txt --vocab-size 4000 --out runs/tok-pydoc
+	$(PY) -m glmjax data prepare --tokenizer runs/tok-pydoc --input runs/corpus/pydoc.txt --out runs/data/pydoc --overwrite
+
+data-pydoc: runs/data/pydoc/manifest.json
+
+TRAIN_CONFIG ?= experiments/glm-small-cpu.yaml
+train: $(STAMP) $(if $(filter experiments/glm-small-cpu.yaml,$(TRAIN_CONFIG)),runs/data/pydoc/manifest.json)
+	$(CPU_MESH) $(PY) -m glmjax train $(TRAIN_CONFIG) $(ARGS)
 
 BENCH_LAYERS ?= 2
 bench: $(STAMP)

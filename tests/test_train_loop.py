@@ -109,7 +109,7 @@ def test_kill_9_then_resume_is_exact_and_a_kill_during_save_keeps_the_previous_c
 @pytest.mark.parametrize("override, msg", [
     ("train.stepz=3", "unknown train key 'stepz'"),
     ("train.mesh=data=3", "needs 3 devices"),
-    ("train.micro_batch=6", "must be a multiple of train.micro_batch=6"),
+    ("train.micro_batch=6", "must be multiples of train.micro_batch=6"),
     ("optim.lr=-1", "need 0 < min_lr <= lr"),
     ("model.num_attention_heads=5", "does not divide hidden_size"),
 ])
@@ -118,3 +118,19 @@ def test_bad_experiments_fail_at_start_with_one_line(experiment, capsys, overrid
                  f"train.checkpoint_dir={experiment / 'bad'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("glmjax: error: ") and len(err.splitlines()) == 1 and msg in err, err
+
+
+def test_every_experiment_file_loads():
+    from glmjax.train.loop import load_experiment
+
+    root = os.path.join(os.path.dirname(__file__), "..", "experiments")
+    names = sorted(n for n in os.listdir(root) if n.endswith(".yaml"))
+    assert len(names) >= 4
+    for name in names:
+        exp = load_experiment(os.path.join(root, name))
+        assert exp["optim"].global_batch % exp["train"].micro_batch == 0
+    glm = load_experiment(os.path.join(root, "glm-130b-pretrain-a100.yaml"))
+    assert glm["model"].num_params() == 128_697_794_560
+    assert (glm["optim"].lr, glm["optim"].min_lr, glm["optim"].rampup_batch_size) == (8e-5, 8e-6, (192, 24, 5493164))
+    assert (glm["loss_scale"].initial, glm["loss_scale"].window, glm["loss_scale"].hysteresis) == (65536, 2000, 2)
+    assert glm["objective"].gpt_prob == 0.7 and glm["train"].egs_alpha == 0.1

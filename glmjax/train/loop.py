@@ -40,6 +40,7 @@ class RunConfig:
     log_every: int = 1
     seed: int = 1234
     egs_alpha: float = 1.0  # embedding gradient shrink alpha (GLM-130B: 0.1)
+    init_from: str | None = None  # a glmjax (orbax) checkpoint whose parameters start a new run
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch", "checkpoint_every", "keep", "log_every"):
@@ -92,10 +93,10 @@ def load_experiment(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: data.path is required (a directory written by `glmjax data prepare`)")
     run = _section(raw, "train", RunConfig, path)
     opt = _section(raw, "optim", optim.OptimConfig, path)
-    ramp = opt.rampup_batch_size or (opt.global_batch, opt.global_batch, 1)
-    if opt.global_batch % run.micro_batch or ramp[0] % run.micro_batch or ramp[1] % run.micro_batch:
-        raise ConfigError(f"{path}: global batch {opt.global_batch} (and its ramp) must be a multiple of "
-                          f"train.micro_batch={run.micro_batch}")
+    start = opt.rampup_batch_size[0] if opt.rampup_batch_size else opt.global_batch
+    if opt.global_batch % run.micro_batch or start % run.micro_batch:
+        raise ConfigError(f"{path}: global batch {opt.global_batch} and the ramp's start {start} must be multiples "
+                          f"of train.micro_batch={run.micro_batch}")
     return {"model": model, "data": data, "objective": ObjectiveConfig(**obj), "optim": opt,
             "loss_scale": _section(raw, "loss_scale", precision.LossScaleConfig, path), "train": run}
 
@@ -152,9 +153,23 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
                                 seed=int(exp["data"].get("seed", 0)), process_index=jax.process_index(),
                                 process_count=jax.process_count(), model_vocab=cfg.vocab_size)
     max_micro = oc.global_batch // run.micro_batch
-    state = S.init_state(cfg, init_params(cfg, jax.random.key(run.seed), mesh), oc, lc, run.seed)
-    step_fn = S.make_train_step(cfg, oc, lc, mesh, state)
     mngr = _manager(run.checkpoint_dir, run.keep)
+    if run.init_from and mngr.latest_step() is None:  # fine-tuning: converted weights, fresh optimizer
+        from glmjax.convert.orbax_format import read_config, restore_params
+
+        saved = read_config(run.init_from)
+        arch = ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size", "vocab_size", "glu",
+                "tie_word_embeddings", "position_encoding_2d")
+        diff = [k for k in arch if getattr(saved, k) != getattr(cfg, k)]
+        if diff:
+            raise ConfigError(f"train.init_from {run.init_from}: its {diff[0]} is {getattr(saved, diff[0])}, "
+                              f"the model's {getattr(cfg, diff[0])}")
+        params = restore_params(run.init_from, mesh, cfg.replace(param_dtype="float32"))[1]
+        log(f"initialised from {run.init_from}")
+    else:
+        params = init_params(cfg, jax.random.key(run.seed), mesh)
+    state = S.init_state(cfg, params, oc, lc, run.seed)
+    step_fn = S.make_train_step(cfg, oc, lc, mesh, state)
     data_position = 0
     latest = mngr.latest_step()
     if latest is not None:
