@@ -22,7 +22,7 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "prefix_mask", "
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32
-    consumed_samples: jax.Array  # int64-safe as float64 is off: int32 counts up to 2^31 samples
+    consumed_samples: jax.Array  # int32: 2^31 samples is 10x GLM-130B's whole run
     params: Any  # float32 master weights
     opt_state: Any
     loss_scale: precision.LossScale
@@ -125,7 +125,7 @@ def _opt_shardings(opt_state: Any, p_shard: Any, mesh: jax.sharding.Mesh) -> Any
     p_struct = jax.tree.structure(p_shard)
 
     def walk(node):
-        if jax.tree.structure(node) == p_struct if not isinstance(node, jax.Array) else False:
+        if not isinstance(node, jax.Array) and jax.tree.structure(node) == p_struct:
             return p_shard
         if isinstance(node, tuple) and hasattr(node, "_fields"):
             return type(node)(*[walk(x) for x in node])
