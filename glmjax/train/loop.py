@@ -41,6 +41,10 @@ class RunConfig:
     seed: int = 1234
     egs_alpha: float = 1.0  # embedding gradient shrink alpha (GLM-130B: 0.1)
     init_from: str | None = None  # a glmjax (orbax) checkpoint whose parameters start a new run
+    peak_tflops: float | None = None  # per device, for MFU (e.g. 989 for an H100's bf16 dense peak)
+    spike_threshold: float = 3.0  # a loss above this multiple of its moving average is a spike
+    spike_window: int = 20  # steps in the loss moving average (and before the guard arms)
+    max_rollbacks: int = 5
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch", "checkpoint_every", "keep", "log_every"):
@@ -116,6 +120,34 @@ class _Stop:
             signal.signal(s, h)
 
 
+def model_flops_per_token(cfg: C.GLMConfig, seq_length: int) -> float:
+    """Training FLOPs per token, PaLM's accounting (as MaxText): 6 x the matmul parameters (forward
+    and backward, the embedding lookup excluded, a tied output head counted once) plus 12 x layers x
+    hidden x sequence for the attention scores and the weighted sum. Rematerialisation is not
+    counted, so this is model FLOPs utilisation, not hardware FLOPs."""
+    counts = cfg.param_counts()
+    matmul = sum(v for k, v in counts.items() if k not in ("word_embeddings", "layernorms", "final_layernorm"))
+    matmul += cfg.vocab_size * cfg.hidden_size  # the output head, tied or not
+    return 6.0 * matmul + 12.0 * cfg.num_layers * cfg.hidden_size * seq_length
+
+
+class SpikeGuard:
+    """Watches the loss: a loss above `threshold` x its moving average (once `window` steps are in)
+    asks for a rollback to the last committed checkpoint, skipping the data since then."""
+
+    def __init__(self, threshold: float, window: int):
+        self.threshold, self.window, self.history = threshold, window, []
+
+    def is_spike(self, loss: float) -> bool:
+        if not np.isfinite(loss):
+            return False  # non-finite steps were skipped by the step itself
+        recent = self.history[-self.window:]
+        spike = len(recent) >= self.window and loss > self.threshold * float(np.mean(recent))
+        if not spike:
+            self.history.append(loss)
+        return spike
+
+
 def _manager(directory: str, keep: int):
     import orbax.checkpoint as ocp
 
@@ -181,6 +213,9 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
         data_position = int(restored["meta"]["data_position"])
         log(f"resumed from {run.checkpoint_dir} step {latest} (data position {data_position})")
     metrics_path = os.path.join(run.checkpoint_dir, "metrics.jsonl")
+    guard, rollbacks = SpikeGuard(run.spike_threshold, run.spike_window), 0
+    flops_per_token = model_flops_per_token(cfg, exp["objective"].seq_length)
+    spike_at = int(os.environ.get("GLMJAX_TEST_SPIKE_AT_STEP", "0"))  # tests: an injected loss spike
     stop = _Stop()
     kill_after = int(os.environ.get("GLMJAX_TEST_SIGKILL_AFTER_STEP", "0"))  # tests: a real kill -9
     last: dict[str, Any] = {}
@@ -207,6 +242,30 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             m.update(step=step, batch_size=n_micro * run.micro_batch, step_time=dt,
                      tokens_per_s=m["tokens"] / dt, data_position=data_position)
+            if run.peak_tflops:
+                seq_tokens = n_micro * run.micro_batch * exp["objective"].seq_length
+                m["mfu"] = flops_per_token * seq_tokens / dt / (run.peak_tflops * 1e12 * mesh.size)
+            if spike_at and step == spike_at:
+                m["loss"] *= 100.0
+            if not m["finite"]:
+                log(f"step {step}: gradients not finite, update skipped (loss scale {m['loss_scale']:.0f})")
+            if guard.is_spike(m["loss"]) and mngr.latest_step() is not None and rollbacks < run.max_rollbacks:
+                mngr.wait_until_finished()
+                back = mngr.latest_step()
+                target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      _savable(state))
+                restored = mngr.restore(back, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                      meta=ocp.args.JsonRestore()))
+                skipped = (int(restored["meta"]["data_position"]), data_position)
+                state, rollbacks = _from_savable(restored["state"]), rollbacks + 1
+                event = {"event": "rollback", "step": step, "loss": m["loss"], "to_step": back,
+                         "skipped_data": list(skipped)}
+                log(f"step {step}: loss {m['loss']:.4f} is a spike (> {run.spike_threshold} x moving average); "
+                    f"rolled back to step {back}, skipping sequences [{skipped[0]}, {skipped[1]})")
+                if jax.process_index() == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(event) + "\n")
+                continue  # the data position stays past the window that caused the spike
             last = m
             if jax.process_index() == 0:
                 with open(metrics_path, "a") as f:
