@@ -219,6 +219,7 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
     stop = _Stop()
     kill_after = int(os.environ.get("GLMJAX_TEST_SIGKILL_AFTER_STEP", "0"))  # tests: a real kill -9
     last: dict[str, Any] = {}
+    times: list[float] = []
     try:
         while int(state.step) < run.steps and not stop.requested:
             t0 = time.perf_counter()
@@ -271,9 +272,12 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(m) + "\n")
                 if step % run.log_every == 0:
+                    times.append(dt)
+                    eta = float(np.mean(times[-20:])) * (run.steps - step)
                     log(f"step {step}/{run.steps} loss {m['loss']:.4f} acc {m['accuracy']:.3f} "
                         f"lr {m['learning_rate']:.3g} gnorm {m['grad_norm']:.3f} scale {m['loss_scale']:.0f} "
-                        f"{m['tokens_per_s']:.0f} tok/s")
+                        f"{m['tokens_per_s']:.0f} tok/s" + (f" mfu {m['mfu']:.1%}" if "mfu" in m else "")
+                        + f" eta {int(eta // 60)}m{int(eta % 60):02d}s")
             if step % run.checkpoint_every == 0 or step == run.steps or stop.requested:
                 mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_savable(state)),
                                                         meta=ocp.args.JsonSave({"data_position": data_position})))
