@@ -170,6 +170,16 @@ def _from_savable(d: dict[str, Any]) -> S.TrainState:
     return S.TrainState(**d)
 
 
+def _restore(mngr, step: int, like: S.TrainState) -> tuple[S.TrainState, int]:
+    """Checkpoint `step` onto the shardings of `like`: (state, data position)."""
+    import orbax.checkpoint as ocp
+
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _savable(like))
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                          meta=ocp.args.JsonRestore()))
+    return _from_savable(restored["state"]), int(restored["meta"]["data_position"])
+
+
 def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
     """Run (or resume) an experiment; returns the last metrics."""
     import orbax.checkpoint as ocp
@@ -205,12 +215,7 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
     data_position = 0
     latest = mngr.latest_step()
     if latest is not None:
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                              _savable(state))
-        restored = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                meta=ocp.args.JsonRestore()))
-        state = _from_savable(restored["state"])
-        data_position = int(restored["meta"]["data_position"])
+        state, data_position = _restore(mngr, latest, state)
         log(f"resumed from {run.checkpoint_dir} step {latest} (data position {data_position})")
     metrics_path = os.path.join(run.checkpoint_dir, "metrics.jsonl")
     guard, rollbacks = SpikeGuard(run.spike_threshold, run.spike_window), 0
@@ -253,12 +258,8 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
             if guard.is_spike(m["loss"]) and mngr.latest_step() is not None and rollbacks < run.max_rollbacks:
                 mngr.wait_until_finished()
                 back = mngr.latest_step()
-                target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                      _savable(state))
-                restored = mngr.restore(back, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                      meta=ocp.args.JsonRestore()))
-                skipped = (int(restored["meta"]["data_position"]), data_position)
-                state, rollbacks = _from_savable(restored["state"]), rollbacks + 1
+                state, back_position = _restore(mngr, back, state)
+                skipped, rollbacks = (back_position, data_position), rollbacks + 1
                 event = {"event": "rollback", "step": step, "loss": m["loss"], "to_step": back,
                          "skipped_data": list(skipped)}
                 log(f"step {step}: loss {m['loss']:.4f} is a spike (> {run.spike_threshold} x moving average); "
