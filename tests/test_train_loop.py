@@ -78,12 +78,18 @@ def final_params(ckpt, step):
         return c.restore(os.path.join(ckpt, str(step), "state"))["params"]
 
 
+@pytest.fixture(scope="module")
+def straight(experiment):
+    """6 steps without interruption on data=2,fsdp=2,tensor=2 (checkpoints at 3 and 6)."""
+    r = run(experiment, experiment / "a")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return experiment / "a"
+
+
 @pytest.mark.slow
-def test_kill_9_then_resume_is_exact_and_a_kill_during_save_keeps_the_previous_checkpoint(experiment):
+def test_kill_9_then_resume_is_exact_and_a_kill_during_save_keeps_the_previous_checkpoint(experiment, straight):
     d = experiment
-    straight = run(d, d / "a")
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    ref = metrics(d / "a")
+    ref = metrics(straight)
     assert sorted(ref) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(m["loss"]) for m in ref.values())
     assert ref[1]["batch_size"] == 8 and ref[6]["batch_size"] == 16  # the ramp, one compiled step
 
@@ -104,6 +110,59 @@ def test_kill_9_then_resume_is_exact_and_a_kill_during_save_keeps_the_previous_c
     again = run(d, d / "c")
     assert again.returncode == 0 and "step 3" in again.stdout
     assert metrics(d / "c")[6]["loss"] == ref[6]["loss"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_onto_a_different_mesh(experiment, straight):
+    """Step 3 of the 8-device data=2,fsdp=2,tensor=2 run, resumed on one device and on fsdp=8:
+    the same run up to float32 reduction order."""
+    import shutil
+
+    import jax
+
+    ref = metrics(straight)
+    for name, mesh in (("one", ""), ("fsdp8", "fsdp=8")):
+        ckpt = experiment / f"mesh_{name}"
+        shutil.copytree(straight, ckpt)
+        shutil.rmtree(ckpt / "6")
+        r = run(experiment, ckpt, f"train.mesh={mesh}")
+        assert r.returncode == 0 and "step 3" in r.stdout, r.stderr[-2000:]
+        got = metrics(ckpt)
+        for step in (4, 5, 6):
+            assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), (name, step)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     final_params(ckpt, 6), final_params(straight, 6))
+
+
+def test_metrics_go_to_jsonl_and_tensorboard_event_files(tmp_path):
+    from glmjax.train.report import Reporter
+
+    lines = []
+    rep = Reporter(str(tmp_path), total_steps=4, first_step=0, log=lines.append, progress=False)
+    for step in (1, 2, 3):
+        rep.step({"step": step, "loss": 5.0 - step, "accuracy": 0.1, "learning_rate": 1e-3, "grad_norm": 1.0,
+                  "embedding_grad_norm": 0.5, "loss_scale": 1.0, "tokens_per_s": 100.0, "step_time": 2.0,
+                  "batch_size": 8, "egs_alpha": 0.1}, log_line=step != 2)
+    rep.close()
+    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert len(lines) == 2 and lines[-1].startswith("step 3/4 loss 2.0000") and lines[-1].endswith("eta 0m02s")
+    (event_file,) = list((tmp_path / "tensorboard").iterdir())
+    data = event_file.read_bytes()
+    for tag in (b"train/loss", b"train/grad_norm", b"train/embedding_grad_norm", b"train/egs_alpha",
+                b"train/tokens_per_s", b"train/learning_rate"):
+        assert data.count(tag + b"\x15") == 3, tag  # Summary.Value: tag, then simple_value (field 2)
+
+
+def test_egs_alpha_is_a_constant_or_a_piecewise_linear_schedule():
+    from glmjax.errors import ConfigError
+    from glmjax.train.loop import RunConfig, egs_alpha_at
+
+    assert egs_alpha_at(0.1, 12345) == pytest.approx(0.1)
+    sched = ((0, 0.1), (100, 1.0))
+    assert [egs_alpha_at(sched, s) for s in (0, 50, 100, 500)] == pytest.approx([0.1, 0.55, 1.0, 1.0])
+    for bad in (((10, 0.1), (5, 1.0)), ((0, 1.5),), "fast"):
+        with pytest.raises(ConfigError, match="egs_alpha"):
+            RunConfig(egs_alpha=bad)
 
 
 @pytest.mark.parametrize("override, msg", [

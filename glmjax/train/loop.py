@@ -7,7 +7,6 @@ step, consumed samples, RNG and the data position.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -27,6 +26,7 @@ from glmjax.parallel import rules
 from glmjax.parallel.mesh import make_mesh
 from glmjax.train import optim, precision
 from glmjax.train import step as S
+from glmjax.train.report import Reporter, device_peak_tflops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +39,11 @@ class RunConfig:
     keep: int = 3
     log_every: int = 1
     seed: int = 1234
-    egs_alpha: float = 1.0  # embedding gradient shrink alpha (GLM-130B: 0.1)
+    # embedding gradient shrink alpha (GLM-130B: 0.1): a number, or a piecewise-linear schedule
+    # [[step, alpha], ...] held constant outside its points (e.g. [[0, 0.1], [5000, 1.0]])
+    egs_alpha: float | tuple[tuple[int, float], ...] = 1.0
     init_from: str | None = None  # a glmjax (orbax) checkpoint whose parameters start a new run
-    peak_tflops: float | None = None  # per device, for MFU (e.g. 989 for an H100's bf16 dense peak)
+    peak_tflops: float | None = None  # per device, for MFU; default: report.PEAK_TFLOPS by device kind
     spike_threshold: float = 3.0  # a loss above this multiple of its moving average is a spike
     spike_window: int = 20  # steps in the loss moving average (and before the guard arms)
     max_rollbacks: int = 5
@@ -50,6 +52,22 @@ class RunConfig:
         for name in ("steps", "micro_batch", "checkpoint_every", "keep", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train: {name} must be positive, got {getattr(self, name)}")
+        egs_alpha_at(self.egs_alpha, 0)  # validates the schedule
+
+
+def egs_alpha_at(schedule: float | Sequence[Sequence[float]], step: int) -> float:
+    """Embedding-gradient-shrink alpha at `step`: a constant, or linear between [step, alpha] points."""
+    if isinstance(schedule, (int, float)):
+        points = [(0, float(schedule))]
+    else:
+        try:
+            points = [(int(s), float(a)) for s, a in schedule]
+        except (TypeError, ValueError):
+            raise ConfigError(f"train.egs_alpha must be a number or [[step, alpha], ...], got {schedule!r}") from None
+    steps = [s for s, _ in points]
+    if not points or steps != sorted(set(steps)) or any(not 0.0 <= a <= 1.0 for _, a in points):
+        raise ConfigError(f"train.egs_alpha schedule needs increasing steps and alphas in [0, 1], got {schedule!r}")
+    return float(np.interp(step, steps, [a for _, a in points]))
 
 
 def _section(raw: dict[str, Any], name: str, cls: type, source: str) -> Any:
@@ -60,6 +78,8 @@ def _section(raw: dict[str, Any], name: str, cls: type, source: str) -> Any:
         raise ConfigError(f"{source}: unknown {name} key {unknown[0]!r} (known: {', '.join(sorted(known))})")
     if "rampup_batch_size" in values and values["rampup_batch_size"] is not None:
         values["rampup_batch_size"] = tuple(values["rampup_batch_size"])
+    if isinstance(values.get("egs_alpha"), list):
+        values["egs_alpha"] = tuple(tuple(p) if isinstance(p, list) else p for p in values["egs_alpha"])
     return cls(**values)
 
 
@@ -217,14 +237,14 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
     if latest is not None:
         state, data_position = _restore(mngr, latest, state)
         log(f"resumed from {run.checkpoint_dir} step {latest} (data position {data_position})")
-    metrics_path = os.path.join(run.checkpoint_dir, "metrics.jsonl")
+    report = Reporter(run.checkpoint_dir, run.steps, int(state.step), log, enabled=jax.process_index() == 0)
     guard, rollbacks = SpikeGuard(run.spike_threshold, run.spike_window), 0
     flops_per_token = model_flops_per_token(cfg, exp["objective"].seq_length)
+    peak_tflops = run.peak_tflops or device_peak_tflops(mesh.devices.flat[0])
     spike_at = int(os.environ.get("GLMJAX_TEST_SPIKE_AT_STEP", "0"))  # tests: an injected loss spike
     stop = _Stop()
     kill_after = int(os.environ.get("GLMJAX_TEST_SIGKILL_AFTER_STEP", "0"))  # tests: a real kill -9
     last: dict[str, Any] = {}
-    times: list[float] = []
     try:
         while int(state.step) < run.steps and not stop.requested:
             t0 = time.perf_counter()
@@ -241,20 +261,21 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
             batch = {k: jax.make_array_from_process_local_data(
                 rules.named(mesh, None, "batch", *((None,) * (v.ndim - 2))), v) for k, v in local.items()}
             lr = optim.learning_rate(oc, consumed)
-            state, m = step_fn(state, batch, n_micro, lr, run.egs_alpha)
+            egs_alpha = egs_alpha_at(run.egs_alpha, int(state.step))
+            state, m = step_fn(state, batch, n_micro, lr, egs_alpha)
             data_position += n_micro * run.micro_batch
             step = int(state.step)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
-            m.update(step=step, batch_size=n_micro * run.micro_batch, step_time=dt,
+            m.update(step=step, batch_size=n_micro * run.micro_batch, step_time=dt, egs_alpha=egs_alpha,
                      tokens_per_s=m["tokens"] / dt, data_position=data_position)
-            if run.peak_tflops:
+            if peak_tflops:
                 seq_tokens = n_micro * run.micro_batch * exp["objective"].seq_length
-                m["mfu"] = flops_per_token * seq_tokens / dt / (run.peak_tflops * 1e12 * mesh.size)
+                m["mfu"] = flops_per_token * seq_tokens / dt / (peak_tflops * 1e12 * mesh.size)
             if spike_at and step == spike_at:
                 m["loss"] *= 100.0
             if not m["finite"]:
-                log(f"step {step}: gradients not finite, update skipped (loss scale {m['loss_scale']:.0f})")
+                report.log(f"step {step}: gradients not finite, update skipped (loss scale {m['loss_scale']:.0f})")
             if guard.is_spike(m["loss"]) and mngr.latest_step() is not None and rollbacks < run.max_rollbacks:
                 mngr.wait_until_finished()
                 back = mngr.latest_step()
@@ -262,23 +283,12 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
                 skipped, rollbacks = (back_position, data_position), rollbacks + 1
                 event = {"event": "rollback", "step": step, "loss": m["loss"], "to_step": back,
                          "skipped_data": list(skipped)}
-                log(f"step {step}: loss {m['loss']:.4f} is a spike (> {run.spike_threshold} x moving average); "
-                    f"rolled back to step {back}, skipping sequences [{skipped[0]}, {skipped[1]})")
-                if jax.process_index() == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(event) + "\n")
+                report.log(f"step {step}: loss {m['loss']:.4f} is a spike (> {run.spike_threshold} x moving "
+                           f"average); rolled back to step {back}, skipping sequences [{skipped[0]}, {skipped[1]})")
+                report.event(event)
                 continue  # the data position stays past the window that caused the spike
             last = m
-            if jax.process_index() == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                if step % run.log_every == 0:
-                    times.append(dt)
-                    eta = float(np.mean(times[-20:])) * (run.steps - step)
-                    log(f"step {step}/{run.steps} loss {m['loss']:.4f} acc {m['accuracy']:.3f} "
-                        f"lr {m['learning_rate']:.3g} gnorm {m['grad_norm']:.3f} scale {m['loss_scale']:.0f} "
-                        f"{m['tokens_per_s']:.0f} tok/s" + (f" mfu {m['mfu']:.1%}" if "mfu" in m else "")
-                        + f" eta {int(eta // 60)}m{int(eta % 60):02d}s")
+            report.step(m, log_line=step % run.log_every == 0)
             if step % run.checkpoint_every == 0 or step == run.steps or stop.requested:
                 mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_savable(state)),
                                                         meta=ocp.args.JsonSave({"data_position": data_position})))
@@ -289,6 +299,7 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
         stop.restore()
+        report.close()
         mngr.wait_until_finished()
         mngr.close()
     if stop.requested:

@@ -1,0 +1,87 @@
+"""Where a training run's numbers go: a JSONL file, TensorBoard event files and the console (a
+progress bar with ETA on a terminal, plain log lines otherwise). Only process 0 writes."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+# dense bf16/fp16 peak TFLOPS per device (vendor data sheets), keyed by a jax device_kind substring
+PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0), ("V100", 125.0),
+               ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0),
+               ("TPU v5", 459.0), ("TPU v6", 918.0))
+
+
+def device_peak_tflops(device: Any) -> float | None:
+    """The peak of a known accelerator, None for CPUs and unknown kinds (MFU is then not reported
+    unless train.peak_tflops is given)."""
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in PEAK_TFLOPS if k.lower() in kind.lower()), None)
+
+
+SCALARS = ("loss", "accuracy", "learning_rate", "grad_norm", "embedding_grad_norm", "loss_scale", "egs_alpha",
+           "tokens_per_s", "step_time", "batch_size", "mfu")
+
+
+class Reporter:
+    """metrics.jsonl and TensorBoard events under `directory`, console lines through `log`."""
+
+    def __init__(self, directory: str, total_steps: int, first_step: int, log: Callable[[str], None],
+                 enabled: bool = True, progress: bool | None = None):
+        self.enabled, self.total, self.times = enabled, total_steps, []
+        self.path = os.path.join(directory, "metrics.jsonl")
+        self.tb, self.bar, self._log = None, None, log
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+
+        self.tb = SummaryWriter(os.path.join(directory, "tensorboard"), flush_secs=10)
+        # progress=None: a bar only on a terminal, so logs of batch jobs stay plain lines
+        show = sys.stderr.isatty() if progress is None else progress
+        if show:
+            self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+
+    def log(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            self._log(msg)
+
+    def event(self, record: dict[str, Any]) -> None:
+        """A guard action (rollback, ...): into the JSONL file, beside the steps."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, m: dict[str, Any], log_line: bool) -> None:
+        if not self.enabled:
+            return
+        step = int(m["step"])
+        with open(self.path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        for k in SCALARS:
+            if k in m and np.isfinite(m[k]):
+                self.tb.add_scalar(f"train/{k}", m[k], step)
+        self.times.append(m["step_time"])
+        eta = float(np.mean(self.times[-20:])) * (self.total - step)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        if log_line:
+            self.log(f"step {step}/{self.total} loss {m['loss']:.4f} acc {m['accuracy']:.3f} "
+                     f"lr {m['learning_rate']:.3g} gnorm {m['grad_norm']:.3f} scale {m['loss_scale']:.0f} "
+                     f"{m['tokens_per_s']:.0f} tok/s" + (f" mfu {m['mfu']:.1%}" if "mfu" in m else "")
+                     + f" eta {int(eta // 60)}m{int(eta % 60):02d}s")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
