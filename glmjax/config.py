@@ -55,6 +55,11 @@ class GLMConfig:
     # DeepNorm residual scale; None: sqrt(2 * num_layers). ChatGLM's modeling code fixes it at sqrt(56)
     # (28 layers) whatever num_layers is, so ChatGLM-family imports pin it.
     residual_alpha: float | None = None
+    # weight-only quantization of the four linear kernels per layer (glmjax/model/quant.py): 0 = none,
+    # 8 or 4 bits; groups = scales per output unit of the row-parallel kernels (a GLM-130B quantized
+    # checkpoint's tensor-parallel degree; 1 when quantizing at load)
+    quantization_bits: int = 0
+    quantization_groups: int = 1
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -134,6 +139,13 @@ def _validate(c: GLMConfig) -> None:
         _fail(f"config: residual_alpha must be > 0, got {c.residual_alpha!r}")
     if c.rotary_base <= 1:
         _fail(f"config: rotary_base must be > 1, got {c.rotary_base!r}")
+    if c.quantization_bits not in (0, 4, 8):
+        _fail(f"config: quantization_bits must be 0, 4 or 8, got {c.quantization_bits!r}")
+    if not (isinstance(c.quantization_groups, int) and c.quantization_groups >= 1
+            and c.num_attention_heads % c.quantization_groups == 0
+            and c.inner_hidden_size % c.quantization_groups == 0):
+        _fail(f"config: quantization_groups must be >= 1 and divide the heads and inner_hidden_size, "
+              f"got {c.quantization_groups!r}")
     for name in ("position_encoding_2d", "glu", "tie_word_embeddings"):
         if not isinstance(getattr(c, name), bool):
             _fail(f"config: {name} must be true or false, got {getattr(c, name)!r}")

@@ -53,7 +53,8 @@ class GLM(nn.Module):
     def __call__(self, tokens: Array, position_ids: Array, *, attention_mask: Array | None = None,
                  prefix_mask: Array | None = None, segment_ids: Array | None = None,
                  deterministic: bool = True, egs_alpha: Array | float | None = None,
-                 collect_hidden: bool = False, collect_kv: bool = False
+                 collect_hidden: bool = False, collect_kv: bool = False,
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
                  ) -> tuple[Array, dict[str, Any]]:
         """tokens [b, s]; position_ids [b, s] (or [b, 2, s] with 2-D rotary).
 
@@ -87,10 +88,10 @@ class GLM(nn.Module):
         if policy is not None:
             block = nn.remat(block, policy=policy, prevent_cse=False)
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         (x, _), per_layer = stack(cfg, deterministic, collect_hidden, collect_kv, name="layers")(
-            (x, jnp.zeros((), jnp.int32)), position_ids, blocked)
+            (x, jnp.zeros((), jnp.int32)), position_ids, blocked, cache_index, cache)
 
         x = LayerNorm(cfg, name="final_layernorm")(x)
         if cfg.tie_word_embeddings:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glmjax.config import GLMConfig
+from glmjax.model import quant
 
 Array = jax.Array
 MASK_FILL = -10000.0  # GLM-130B fills blocked scores with -10000 (before the layer-scaling rescale)
@@ -42,6 +43,20 @@ def _xavier_normal(scale: float = 1.0, in_axes=(0,), out_axes=(-1,)):
 
 def _param(module: nn.Module, name: str, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _kernel(module: nn.Module, name: str, init, shape, axes, cfg: GLMConfig) -> Array:
+    """A linear kernel in the compute dtype: the float parameter, or -- with quantization_bits --
+    its int8 `<name>_q` and float16 `<name>_scale`, dequantized here (inside the layer scan)."""
+    cdt = dtype_of(cfg.dtype)
+    if not cfg.quantization_bits:
+        return _param(module, name, init, shape, axes, dtype_of(cfg.param_dtype)).astype(cdt)
+    q_shape, s_shape = quant.quantized_shapes(name, shape, cfg.quantization_bits, cfg.quantization_groups)
+    n_in = quant.KERNELS[name].n_in
+    q = _param(module, name + "_q", nn.initializers.zeros, q_shape, axes, jnp.int8)
+    scale = _param(module, name + "_scale", nn.initializers.ones, s_shape, (None,) + tuple(axes[n_in:]),
+                   jnp.float16)
+    return quant.dequantize_kernel(q, scale, name, cfg.quantization_bits, cdt)
 
 
 class LayerNorm(nn.Module):
@@ -160,7 +175,10 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, position_ids: Array, blocked: Array, layer_id: Array,
-                 deterministic: bool) -> tuple[Array, tuple[Array, Array]]:
+                 deterministic: bool, cache: tuple[Array, Array] | None = None,
+                 cache_index: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """With `cache` (k, v [b, L, heads, d]) the new keys/values are written at `cache_index` and
+        the queries attend over all L slots (`blocked` is then [b, 1, q, L]); returns the cache."""
         cfg = self.cfg
         nh, d, h = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
         cdt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -170,17 +188,22 @@ class SelfAttention(nn.Module):
             w = _xavier_normal(1.0, (0,), (1, 2, 3))(key, shape, jnp.float32)
             return w.at[:, :, 2].multiply(beta).astype(dtype)
 
-        wqkv = _param(self, "qkv_kernel", qkv_init, (h, nh, 3, d), ("embed", "heads", None, "kv"), pdt)
+        wqkv = _kernel(self, "qkv_kernel", qkv_init, (h, nh, 3, d), ("embed", "heads", None, "kv"), cfg)
         bqkv = _param(self, "qkv_bias", nn.initializers.zeros, (nh, 3, d), ("heads", None, "kv"), pdt)
-        wo = _param(self, "dense_kernel", _xavier_normal(beta, (0, 1), (2,)), (nh, d, h),
-                    ("heads", "kv", "embed"), pdt)
+        wo = _kernel(self, "dense_kernel", _xavier_normal(beta, (0, 1), (2,)), (nh, d, h),
+                     ("heads", "kv", "embed"), cfg)
         bo = _param(self, "dense_bias", nn.initializers.zeros, (h,), ("embed",), pdt)
 
-        qkv = jnp.einsum("bse,ehtd->bshtd", x, wqkv.astype(cdt)) + bqkv.astype(cdt)
+        qkv = jnp.einsum("bse,ehtd->bshtd", x, wqkv) + bqkv.astype(cdt)
         qkv = nn.with_logical_constraint(qkv, ("batch", "length", "heads", None, "kv"))
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         q = apply_rotary(q, position_ids, cfg)
         k = apply_rotary(k, position_ids, cfg)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
+            k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+            v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
 
         # Megatron's query-key layer scaling (coefficient c = layer_id + 1): q / (sqrt(d) c), blocked
         # scores filled with -10000, then x c before the float32 softmax. Neutral in exact arithmetic;
@@ -193,7 +216,7 @@ class SelfAttention(nn.Module):
         probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cdt), v)
         ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
-        out = jnp.einsum("bqhd,hde->bqe", ctx, wo.astype(cdt)) + bo.astype(cdt)
+        out = jnp.einsum("bqhd,hde->bqe", ctx, wo) + bo.astype(cdt)
         return out, (k, v)
 
 
@@ -209,21 +232,21 @@ class MLP(nn.Module):
         cdt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         beta = (2.0 * cfg.num_layers) ** -0.5
         if cfg.glu:
-            wi = _param(self, "wi_kernel", _xavier_normal(beta, (0,), (1, 2)), (h, 2, f),
-                        ("embed", None, "mlp"), pdt)
+            wi = _kernel(self, "wi_kernel", _xavier_normal(beta, (0,), (1, 2)), (h, 2, f),
+                         ("embed", None, "mlp"), cfg)
             bi = _param(self, "wi_bias", nn.initializers.zeros, (2, f), (None, "mlp"), pdt)
-            hh = jnp.einsum("bse,etf->bstf", x, wi.astype(cdt)) + bi.astype(cdt)
+            hh = jnp.einsum("bse,etf->bstf", x, wi) + bi.astype(cdt)
             hh = nn.with_logical_constraint(hh, ("batch", "length", None, "mlp"))
             act = hh[..., 0, :] * jax.nn.gelu(hh[..., 1, :], approximate=False)
         else:
-            wi = _param(self, "wi_kernel", _xavier_normal(beta), (h, f), ("embed", "mlp"), pdt)
+            wi = _kernel(self, "wi_kernel", _xavier_normal(beta), (h, f), ("embed", "mlp"), cfg)
             bi = _param(self, "wi_bias", nn.initializers.zeros, (f,), ("mlp",), pdt)
-            hh = jnp.einsum("bse,ef->bsf", x, wi.astype(cdt)) + bi.astype(cdt)
+            hh = jnp.einsum("bse,ef->bsf", x, wi) + bi.astype(cdt)
             act = jax.nn.gelu(hh, approximate=True)
         act = nn.with_logical_constraint(act, ("batch", "length", "mlp"))
-        wo = _param(self, "wo_kernel", _xavier_normal(beta), (f, h), ("mlp", "embed"), pdt)
+        wo = _kernel(self, "wo_kernel", _xavier_normal(beta), (f, h), ("mlp", "embed"), cfg)
         bo = _param(self, "wo_bias", nn.initializers.zeros, (h,), ("embed",), pdt)
-        return jnp.einsum("bsf,fe->bse", act, wo.astype(cdt)) + bo.astype(cdt)
+        return jnp.einsum("bsf,fe->bse", act, wo) + bo.astype(cdt)
 
 
 class DeepNormBlock(nn.Module):
@@ -235,14 +258,15 @@ class DeepNormBlock(nn.Module):
     collect_kv: bool = False
 
     @nn.compact
-    def __call__(self, carry: tuple[Array, Array], position_ids: Array, blocked: Array):
+    def __call__(self, carry: tuple[Array, Array], position_ids: Array, blocked: Array,
+                 cache_index: Array | None = None, cache: tuple[Array, Array] | None = None):
         x, layer_id = carry
         cfg = self.cfg
         drop = functools.partial(nn.Dropout(cfg.hidden_dropout), deterministic=self.deterministic)
         alpha = cfg.deepnorm_alpha
         a = LayerNorm(cfg, name="input_layernorm")(x)
         attn, kv = SelfAttention(cfg, name="attention")(a, position_ids, blocked, layer_id,
-                                                       self.deterministic)
+                                                       self.deterministic, cache, cache_index)
         h1 = a * alpha + drop(attn)
         m = LayerNorm(cfg, name="post_attention_layernorm")(h1)
         out = m * alpha + drop(MLP(cfg, name="mlp")(m))
@@ -250,6 +274,6 @@ class DeepNormBlock(nn.Module):
         per_layer: dict[str, Any] = {}
         if self.collect_hidden:
             per_layer["hidden_states"] = out
-        if self.collect_kv:
+        if self.collect_kv or cache is not None:
             per_layer["kv"] = kv
         return (out, layer_id + 1), per_layer

@@ -1,0 +1,126 @@
+"""GLM-130B's weight-only INT8/INT4 quantization, kept quantized in device memory.
+
+Scheme (GLM-130B quantization/functional.py): per output unit ("row" of the torch weight) a float16
+scale = max|w| / (2^(b-1) - 1), q = round(w / scale) (half to even) as int8; INT4 values in [-7, 7]
+packed two per byte along the input dimension, the even input in the high nibble. Only the four
+linear kernels of each layer are quantized; embeddings, norms and biases stay as they are.
+
+In glmjax's layouts the input (contraction) axes come first in every kernel. A row-parallel layer
+(attention dense, dense_4h_to_h) in a GLM-130B checkpoint of tensor-parallel degree G has one scale
+per output unit *per shard*: `groups` splits the first input axis into G blocks, each with its own
+scales, so such checkpoints load exactly. Parameters of a quantized model hold `<kernel>_q` (int8)
+and `<kernel>_scale` (float16, shape [groups, *output dims]) in place of `<kernel>`; the layer
+dequantizes inside the compiled step, one layer at a time under the scan over layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from glmjax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """n_in: leading input axes; row_parallel: its scales are grouped by tensor-parallel shard."""
+
+    n_in: int
+    row_parallel: bool
+
+
+KERNELS = {
+    "qkv_kernel": KernelSpec(1, False),  # [embed, heads, 3, kv]
+    "dense_kernel": KernelSpec(2, True),  # [heads, kv, embed]
+    "wi_kernel": KernelSpec(1, False),  # [embed, 2, mlp] or [embed, mlp]
+    "wo_kernel": KernelSpec(1, True),  # [mlp, embed]
+}
+
+
+def check_bits(bits: int) -> int:
+    if bits not in (0, 4, 8):
+        raise ConfigError(f"quantization bits must be 0 (none), 4 or 8, got {bits}")
+    return bits
+
+
+def quantized_shapes(name: str, shape: tuple[int, ...], bits: int, groups: int
+                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(q shape, scale shape) of kernel `name` of float shape `shape`."""
+    spec = KERNELS[name]
+    g = groups if spec.row_parallel else 1
+    if shape[0] % g:
+        raise ConfigError(f"{name}: {g} quantization groups do not divide its input axis of {shape[0]}")
+    q = list(shape)
+    if bits == 4:
+        if q[spec.n_in - 1] % 2:
+            raise ConfigError(f"{name}: int4 packing needs an even input axis, got {q[spec.n_in - 1]}")
+        q[spec.n_in - 1] //= 2
+    return tuple(q), (g,) + tuple(shape[spec.n_in:])
+
+
+def _grouped(x: Any, g: int) -> Any:
+    return x.reshape((g, x.shape[0] // g) + x.shape[1:])
+
+
+def quantize_kernel(w: np.ndarray, name: str, bits: int, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side quantization of a float kernel in float16 arithmetic, as GLM-130B does it."""
+    spec = KERNELS[name]
+    g = groups if spec.row_parallel else 1
+    quantized_shapes(name, w.shape, bits, groups)  # validates
+    w16 = _grouped(np.asarray(w).astype(np.float16), g)
+    axes = tuple(range(1, spec.n_in + 1))
+    scale = (np.abs(w16).max(axis=axes) / np.float16(2 ** (bits - 1) - 1)).astype(np.float16)
+    safe = np.where(scale == 0, np.float16(1), scale)
+    q = np.round(w16 / safe.reshape(safe.shape[:1] + (1,) * spec.n_in + safe.shape[1:])).astype(np.int8)
+    q = q.reshape(w.shape)
+    if bits == 4:
+        a = spec.n_in - 1
+        hi = np.take(q, np.arange(0, q.shape[a], 2), axis=a).astype(np.uint8)
+        lo = np.take(q, np.arange(1, q.shape[a], 2), axis=a).astype(np.uint8)
+        q = ((hi << 4) | (lo & 0xF)).astype(np.uint8).view(np.int8)
+    return q, scale
+
+
+def unpack_int4(q: Any, axis: int) -> Any:
+    """Sign-extended nibbles of packed int4 bytes, the high nibble first along `axis` (doubled)."""
+    hi = jnp.right_shift(q, 4)  # arithmetic on int8
+    lo = jnp.right_shift(jnp.left_shift(q, 4), 4)
+    both = jnp.stack([hi, lo], axis=axis + 1)
+    shape = list(q.shape)
+    shape[axis] *= 2
+    return both.reshape(shape)
+
+
+def dequantize_kernel(q: Any, scale: Any, name: str, bits: int, dtype: Any) -> Any:
+    """q * scale in float16 (GLM-130B's dequantization), cast to the compute dtype."""
+    spec = KERNELS[name]
+    if bits == 4:
+        q = unpack_int4(q, spec.n_in - 1)
+    g = scale.shape[0]
+    s = scale.astype(jnp.float16).reshape(scale.shape[:1] + (1,) * spec.n_in + scale.shape[1:])
+    w = _grouped(q, g).astype(jnp.float16) * s
+    return w.reshape(q.shape).astype(dtype)
+
+
+def quantize_params(params: dict[str, Any], bits: int, groups: int = 1) -> dict[str, Any]:
+    """A float parameter tree (numpy or jax; layers stacked on axis 0) -> the quantized tree."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out[key] = quantize_params(value, bits, groups)
+        elif key in KERNELS:
+            w = np.asarray(value)
+            qs, ss = zip(*(quantize_kernel(w[i], key, bits, groups) for i in range(w.shape[0])))
+            out[key + "_q"], out[key + "_scale"] = np.stack(qs), np.stack(ss)
+        else:
+            out[key] = value
+    return out
+
+
+def param_bytes(params: Any) -> int:
+    """Bytes the parameter arrays occupy (all shards together)."""
+    import jax
+
+    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
