@@ -5,7 +5,8 @@
 #   make forward CHECKPOINT=dir CONFIG=cfg.json INPUTS=in.npz OUTPUT=out.npz [MESH=data=2,tensor=4]
 #   make convert-sat2orbax SRC=glm-130b-sat DST=ckpt/glm-130b [CONFIG=experiments/models/glm-130b.json]
 #   make convert-orbax2sat SRC=ckpt/glm-130b DST=glm-130b-tp4 [TP=4] [QUANTIZE=int4]
-#   make bench         conversion memory/throughput at GLM-130B's shapes (BENCHMARKS.md)
+#   make bench         conversion memory/throughput at GLM-130B's shapes, loader and training
+#                      throughput [BENCH_TRAIN="--preset glm-1b ..."] (BENCHMARKS.md)
 #   make train [TRAIN_CONFIG=experiments/x.yaml] [ARGS="train.steps=10"]   (resumes automatically)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -70,9 +71,11 @@ train: $(STAMP) $(if $(filter experiments/glm-small-cpu.yaml,$(TRAIN_CONFIG)),ru
 	$(CPU_MESH) $(PY) -m glmjax train $(TRAIN_CONFIG) $(ARGS)
 
 BENCH_LAYERS ?= 2
+BENCH_TRAIN ?= --preset glm-test --seq-length 128 --micro-batch 8 --steps 10
 bench: $(STAMP)
 	$(PY) tools/bench_convert.py --layers $(BENCH_LAYERS) --tp 8
 	$(PY) tools/bench_data.py
+	$(PY) tools/bench_train.py $(BENCH_TRAIN)
 
 # GLM-130B's own PyTorch model class (SwissArmyTransformer), for tests/test_sat_model_class.py
 sat-env:
