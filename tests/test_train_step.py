@@ -112,3 +112,21 @@ def test_float16_overflow_skips_the_step_and_keeps_parameters_finite():
         jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
     assert float(state.loss_scale.scale) == 32768  # hysteresis 2: the second overflow halves it
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.tree.map(np.asarray, state.params)))
+
+
+def test_chatglm_style_2d_positions_train_on_a_sharded_mesh():
+    """ChatGLM's [b, 2, s] position ids go through the micro-batched step on data=2,fsdp=2,tensor=2."""
+    cfg = C.resolve("glm-test", overrides={"hidden_dropout": 0.0, "attention_dropout": 0.0,
+                                           "position_encoding_2d": True, "glu": False})
+    oc = optim.OptimConfig(lr=1e-3, min_lr=1e-4, warmup_samples=8, decay_samples=1000, rampup_batch_size=None,
+                           global_batch=8)
+    lc = precision.LossScaleConfig()
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    state = S.init_state(cfg, init_params(cfg, jax.random.key(0), mesh), oc, lc, 0)
+    fn = S.make_train_step(cfg, oc, lc, mesh, state)
+    batch = _batch(np.random.default_rng(0), 1, 4)
+    s = batch["tokens"].shape[-1]
+    batch["position_ids"] = np.stack([np.broadcast_to(np.arange(s), batch["tokens"].shape),
+                                      np.zeros(batch["tokens"].shape, int)], 2).astype(np.int32)
+    state, losses = _train(fn, state, oc, batch, 4)
+    assert losses[-1] < losses[0]

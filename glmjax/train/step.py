@@ -62,7 +62,7 @@ def make_train_step(cfg: GLMConfig, optim_cfg: optim.OptimConfig, ls_cfg: precis
     opt = optim.make_optimizer(optim_cfg)
     use_scaling = cfg.dtype == "float16"
     p_shard = param_shardings(cfg, mesh)
-    batch_shard = {k: rules.named(mesh, None, "batch", *((None,) * (3 if k == "position_ids" and
+    batch_shard = {k: rules.named(mesh, None, "batch", *((None,) * (2 if k == "position_ids" and
                                                                      cfg.position_encoding_2d else 1)))
                    for k in BATCH_KEYS}
     state_shard = jax.tree.map(lambda _: rules.named(mesh), state_example)
