@@ -102,20 +102,78 @@ def write(fmt: str, out_dir: str, cfg: GLMConfig, source: Source, *, tp: int | N
     return out_cfg
 
 
-def load_params(fmt: str, path: str, cfg: GLMConfig | None, mesh: Any) -> tuple[GLMConfig, Any]:
-    """Parameters of any format placed on `mesh` (orbax restores shard by shard)."""
+QUANTIZE_BITS = {None: 0, "int8": 8, "int4": 4}
+
+
+def load_params(fmt: str, path: str, cfg: GLMConfig | None, mesh: Any, quantize: str | None = None
+                ) -> tuple[GLMConfig, Any]:
+    """Parameters of any format placed on `mesh` (orbax restores shard by shard).
+
+    quantize ("int8"/"int4"; None: as stored) gives GLM-130B's weight-only quantized parameters: a
+    quantized SAT checkpoint of that width loads its bytes and scales as they are (scale groups =
+    its tensor-parallel degree); a float checkpoint of any format is quantized on the host, one
+    layer's kernel at a time, before it is placed. Returns (config, params), the config carrying
+    quantization_bits/groups. A config with quantization_bits set asks for that width.
+    """
     from glmjax.model import api
 
+    if quantize not in QUANTIZE_BITS:
+        raise GlmjaxError(f"quantize must be int8 or int4 (or none), got {quantize!r}")
+    bits = QUANTIZE_BITS[quantize]
+    if cfg is not None and cfg.quantization_bits:
+        if bits and bits != cfg.quantization_bits:
+            raise GlmjaxError(f"the config asks for int{cfg.quantization_bits} weights but {quantize} was requested")
+        bits = cfg.quantization_bits
+        cfg = cfg.replace(quantization_bits=0, quantization_groups=1)  # the stored (float) model
     if fmt == "orbax":
         found = orbax_format.read_config(path)
-        if cfg is not None and cfg != found:
+        stored = found.quantization_bits
+        if cfg is not None and cfg != found.replace(quantization_bits=0, quantization_groups=1):
             open_source(fmt, path, cfg)  # raises the precise difference
-        return orbax_format.restore_params(path, mesh, cfg)
+        if stored:  # saved from a quantized model: restore as it is
+            if bits and bits != stored:
+                raise CheckpointError(f"{path} holds int{stored} weights; it cannot be loaded as int{bits}")
+            return orbax_format.restore_params(path, mesh, found)
+        if not bits:
+            return orbax_format.restore_params(path, mesh, cfg)
+    if fmt == "sat" and bits and cfg is not None:
+        stored = sat.sat_quantization_bits(path, cfg)
+        if stored and stored != bits:
+            raise CheckpointError(f"SAT checkpoint {path} is quantized to int{stored}; it cannot be loaded as "
+                                  f"int{bits} (load it as int{stored}, or quantize a float checkpoint)")
+        if stored:
+            qcfg, tree = sat.read_sat_quantized(path, cfg)
+            return qcfg, api.shard_params(tree, qcfg, mesh)
     cfg, source = open_source(fmt, path, cfg)
+    if bits:
+        qcfg, tree = quantize_source(cfg, source, bits)
+        return qcfg, api.shard_params(tree, qcfg, mesh)
     tree = engine.TreeBuilder(cfg, cfg.param_dtype)
     for rule, i in engine.ordered(sat_rules(cfg), cfg):
         tree.put(rule.path, i, source.get(rule.path, i))
     return cfg, api.shard_params(tree.params, cfg, mesh)
+
+
+def quantize_source(cfg: GLMConfig, source: Source, bits: int) -> tuple[GLMConfig, dict[str, Any]]:
+    """(quantized config, host tree): the four linear kernels of each layer quantized as GLM-130B does
+    (per output unit, one scale group), read and quantized one layer at a time so the host never
+    holds more than one float kernel beside the quantized model."""
+    import jax.numpy as jnp
+
+    from glmjax.model import quant
+
+    qcfg = cfg.replace(quantization_bits=bits, quantization_groups=1)
+    pdt = jnp.dtype(cfg.param_dtype)
+    tree: dict[str, Any] = {}
+    for rule, i in engine.ordered(sat_rules(cfg), cfg):
+        name = rule.path[-1]
+        if name in quant.KERNELS:
+            q, scale = quant.quantize_kernel(source.get(rule.path, i), name, bits, 1)
+            quant.set_param(tree, rule.path[:-1] + (name + "_q",), i, q, cfg.num_layers)
+            quant.set_param(tree, rule.path[:-1] + (name + "_scale",), i, scale, cfg.num_layers)
+        else:
+            quant.set_param(tree, rule.path, i, np.asarray(source.get(rule.path, i), pdt), cfg.num_layers)
+    return qcfg, tree
 
 
 def verify_prompt(cfg: GLMConfig, length: int = 512, seed: int = 0) -> dict[str, np.ndarray]:

@@ -20,7 +20,8 @@ from glmjax.convert import engine
 from glmjax.convert.engine import Source, TensorRule
 from glmjax.convert.tables import sat_rules
 from glmjax.convert.torch_files import StreamingTorchFile, TorchZipReader
-from glmjax.errors import CheckpointError
+from glmjax.errors import CheckpointError, GlmjaxError
+from glmjax.model import quant
 
 SHARD_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 # A buffer SAT recomputes and never loads (GLM-130B issue #18); SAT's state_dict() carries it.
@@ -86,13 +87,10 @@ def _quant_bits(rule: TensorRule, shape: tuple[int, ...], tp: int) -> int:
     return 0
 
 
-def sat_source(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None) -> Source:
-    """Random access to a SAT checkpoint's tensors in glmjax layout, shard by shard.
-
-    Every shard's index is read and checked up front (keys, shapes, shard count); tensor bytes are
-    read when asked for. Quantized weights are dequantized shard by shard (their scales are per
-    shard row) to float16.
-    """
+def _open_checked(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None
+                  ) -> tuple[list[str], list[tuple[TorchZipReader, dict[str, Any]]], int, list[TensorRule]]:
+    """(shard paths, (reader, state dict) per rank, tp, rules): every shard's index read and checked
+    (keys, shapes, shard count); no tensor bytes read."""
     _, paths = find_shards(ckpt_dir)
     tp = len(paths)
     if expect_tp is not None and tp != expect_tp:
@@ -121,6 +119,21 @@ def sat_source(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None) -> S
             elif t.shape != want:
                 raise CheckpointError(f"{path}: {key} has shape {t.shape}, the config implies {want} per "
                                       f"shard at tp={tp}")
+    return paths, shards, tp, rules
+
+
+def sat_source(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None) -> Source:
+    """Random access to a SAT checkpoint's tensors in glmjax layout, shard by shard.
+
+    Every shard's index is read and checked up front (keys, shapes, shard count); tensor bytes are
+    read when asked for. Quantized weights are dequantized shard by shard (their scales are per
+    shard row) to float16.
+    """
+    return _source_of(*_open_checked(ckpt_dir, cfg, expect_tp))
+
+
+def _source_of(paths: list[str], shards: list[tuple[TorchZipReader, dict[str, Any]]], tp: int,
+               rules: list[TensorRule]) -> Source:
     by_path = {r.path: r for r in rules}
     full_shapes = {r.path: engine.jax_shape(r) for r in rules}
 
@@ -180,6 +193,114 @@ def read_sat_checkpoint(ckpt_dir: str, cfg: GLMConfig, dtype: str | None = None,
     for rule, i, arr in iter_sat_tensors(ckpt_dir, cfg, expect_tp):
         tree.put(rule.path, i, arr)
     return tree.params
+
+
+# --- GLM-130B's quantized checkpoints, kept quantized -------------------------------------------
+def _checkpoint_bits(ckpt_dir: str, paths: list[str], shards: list[tuple[TorchZipReader, dict[str, Any]]],
+                     tp: int, rules: list[TensorRule], cfg: GLMConfig) -> int:
+    """0 when every linear weight of every shard is float, else the one bit width they all have."""
+    seen: dict[int, str] = {}
+    for path, (_, sd) in zip(paths, shards):
+        for rule, i in engine.ordered(rules, cfg):
+            if rule.quantizable:
+                t = sd[rule.key(i)]
+                bits = _quant_bits(rule, tuple(t.shape), tp) if t.dtype == np.int8 else 0
+                seen.setdefault(bits, f"{os.path.basename(path)}:{rule.key(i)}")
+    if len(seen) > 1:
+        name = lambda b: f"int{b}" if b else "float"  # noqa: E731
+        (a, where_a), (b, where_b) = sorted(seen.items())[:2]
+        raise CheckpointError(f"SAT checkpoint {ckpt_dir} mixes {name(a)} and {name(b)} linear weights "
+                              f"({where_a} is {name(a)}, {where_b} is {name(b)})")
+    return next(iter(seen), 0)
+
+
+def _close(shards: list[tuple[TorchZipReader, dict[str, Any]]]) -> None:
+    for reader, _ in shards:
+        reader.close()
+
+
+def sat_quantization_bits(ckpt_dir: str, cfg: GLMConfig) -> int:
+    """0 for a float SAT checkpoint, else the bit width (8 or 4) of its quantized linear weights
+    (from the shard indexes alone; one clear error for a checkpoint that mixes widths)."""
+    paths, shards, tp, rules = _open_checked(ckpt_dir, cfg)
+    try:
+        return _checkpoint_bits(ckpt_dir, paths, shards, tp, rules, cfg)
+    finally:
+        _close(shards)
+
+
+def _merged_quantized(rule: TensorRule, scale_rule: TensorRule | None, i: int | None, bits: int,
+                      paths: list[str], shards: list[tuple[TorchZipReader, dict[str, Any]]],
+                      tp: int) -> tuple[np.ndarray, np.ndarray]:
+    """One quantized linear weight of all ranks in glmjax's quantized layout, bytes and scales as
+    stored. int4 bytes are unpacked to their values for the layout change and packed again along
+    glmjax's last input axis: the pairs are the same (the torch input dim in glmjax's order), so
+    every byte comes back unchanged."""
+    name, key = rule.path[-1], rule.key(i)
+    spec = quant.KERNELS[name]
+    if spec.row_parallel != (rule.split == "cols"):
+        raise CheckpointError(f"{key}: split {rule.split!r} disagrees with {name}'s quantization layout")
+    rows = rule.shard_shape(tp)[0]
+    qs, scales = [], []
+    for rank, (reader, sd) in enumerate(shards):
+        st = sd[key + "_scale"]
+        if st.dtype != np.float16 or tuple(st.shape) != (rows,):
+            raise CheckpointError(f"{paths[rank]}: {key}_scale is {st.dtype} {list(st.shape)}, expected "
+                                  f"float16 [{rows}] (one scale per shard row)")
+        q = reader.read(sd[key])
+        qs.append(quant.unpack_int4_host(q, 1) if bits == 4 else q)  # packed along the input columns
+        scales.append(reader.read(st))
+    q = engine.merge_to_jax(rule, qs)
+    if bits == 4:
+        q = quant.pack_int4(q, spec.n_in - 1)
+    if spec.row_parallel:  # each rank's scales cover its part of the input: one group per rank
+        scale = np.stack(scales)
+    else:  # whole rows in every rank: the scales follow the rows, laid out as the bias is
+        scale = engine.merge_to_jax(scale_rule, scales)[None]
+    return q, scale
+
+
+def read_sat_quantized(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None
+                       ) -> tuple[GLMConfig, dict[str, Any]]:
+    """A GLM-130B quantized SAT checkpoint (tools/convert_tp.py --quantization-bit-width, any
+    tensor-parallel degree) as (quantized config, numpy parameter tree in glmjax's quantized layout).
+
+    The int8 (or packed int4) bytes and float16 scales are kept exactly: no dequantize/requantize.
+    Column-parallel kernels (qkv, dense_h_to_4h) get scales [1, *out]; row-parallel ones
+    (attention dense, dense_4h_to_h) one scale row per shard, [tp, out], and the config
+    quantization_groups=tp. Embeddings, norms and biases come as read_sat_checkpoint gives them.
+    """
+    import jax.numpy as jnp
+
+    paths, shards, tp, rules = _open_checked(ckpt_dir, cfg, expect_tp)
+    try:
+        bits = _checkpoint_bits(ckpt_dir, paths, shards, tp, rules, cfg)
+        if not bits:
+            raise CheckpointError(f"SAT checkpoint {ckpt_dir} is not quantized (its linear weights are float); "
+                                  f"read it as a float checkpoint or quantize it at load")
+        qcfg = cfg.replace(quantization_bits=bits, quantization_groups=tp)
+        for rule in rules:
+            if rule.quantizable:
+                try:
+                    quant.quantized_shapes(rule.path[-1], engine.jax_shape(rule), bits, tp)
+                except GlmjaxError as e:
+                    raise CheckpointError(f"SAT checkpoint {ckpt_dir}: {e}") from None
+        by_path = {r.path: r for r in rules}
+        src = _source_of(paths, shards, tp, rules)
+        pdt = jnp.dtype(cfg.param_dtype)
+        params: dict[str, Any] = {}
+        for rule, i in engine.ordered(rules, cfg):
+            if rule.quantizable:
+                name = rule.path[-1]
+                scale_rule = by_path.get(rule.path[:-1] + (name.replace("_kernel", "_bias"),))
+                q, scale = _merged_quantized(rule, scale_rule, i, bits, paths, shards, tp)
+                quant.set_param(params, rule.path[:-1] + (name + "_q",), i, q, cfg.num_layers)
+                quant.set_param(params, rule.path[:-1] + (name + "_scale",), i, scale, cfg.num_layers)
+            else:
+                quant.set_param(params, rule.path, i, np.asarray(src.get(rule.path, i), pdt), cfg.num_layers)
+    finally:
+        _close(shards)
+    return qcfg, params
 
 
 def sat_inv_freq(cfg: GLMConfig) -> np.ndarray:

@@ -48,15 +48,21 @@ def check_bits(bits: int) -> int:
 def quantized_shapes(name: str, shape: tuple[int, ...], bits: int, groups: int
                      ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(q shape, scale shape) of kernel `name` of float shape `shape`."""
+    if bits not in (4, 8):
+        raise ConfigError(f"{name}: quantization bits must be 4 or 8, got {bits}")
     spec = KERNELS[name]
     g = groups if spec.row_parallel else 1
     if shape[0] % g:
         raise ConfigError(f"{name}: {g} quantization groups do not divide its input axis of {shape[0]}")
     q = list(shape)
     if bits == 4:
-        if q[spec.n_in - 1] % 2:
-            raise ConfigError(f"{name}: int4 packing needs an even input axis, got {q[spec.n_in - 1]}")
-        q[spec.n_in - 1] //= 2
+        a = spec.n_in - 1
+        # packed pairs must not straddle a group (a tensor-parallel shard packs its own columns)
+        per = q[a] // g if a == 0 else q[a]
+        if per % 2:
+            where = f" in each of its {g} groups" if a == 0 and g > 1 else ""
+            raise ConfigError(f"{name}: int4 packing needs an even input axis{where}, got {per}")
+        q[a] //= 2
     return tuple(q), (g,) + tuple(shape[spec.n_in:])
 
 
@@ -76,11 +82,30 @@ def quantize_kernel(w: np.ndarray, name: str, bits: int, groups: int = 1) -> tup
     q = np.round(w16 / safe.reshape(safe.shape[:1] + (1,) * spec.n_in + safe.shape[1:])).astype(np.int8)
     q = q.reshape(w.shape)
     if bits == 4:
-        a = spec.n_in - 1
-        hi = np.take(q, np.arange(0, q.shape[a], 2), axis=a).astype(np.uint8)
-        lo = np.take(q, np.arange(1, q.shape[a], 2), axis=a).astype(np.uint8)
-        q = ((hi << 4) | (lo & 0xF)).astype(np.uint8).view(np.int8)
+        q = pack_int4(q, spec.n_in - 1)
     return q, scale
+
+
+def pack_int4(q: np.ndarray, axis: int) -> np.ndarray:
+    """Host-side: int8 values in [-8, 7] -> bytes holding two along `axis` (halved), the even one in
+    the high nibble (GLM-130B's int4WeightCompression along its input dimension)."""
+    q = np.asarray(q, np.int8)
+    if q.shape[axis] % 2:
+        raise ConfigError(f"int4 packing needs an even axis {axis}, got shape {q.shape}")
+    hi = np.take(q, np.arange(0, q.shape[axis], 2), axis=axis).astype(np.uint8)
+    lo = np.take(q, np.arange(1, q.shape[axis], 2), axis=axis).astype(np.uint8)
+    return ((hi << 4) | (lo & 0xF)).astype(np.uint8).view(np.int8)
+
+
+def unpack_int4_host(q: np.ndarray, axis: int) -> np.ndarray:
+    """Host-side inverse of pack_int4: sign-extended int8 values, `axis` doubled."""
+    q = np.asarray(q, np.int8)
+    hi = q >> 4  # arithmetic shift keeps the sign
+    lo = (q << 4).astype(np.int8) >> 4
+    both = np.stack([hi, lo], axis=axis + 1)
+    shape = list(q.shape)
+    shape[axis] *= 2
+    return both.reshape(shape)
 
 
 def unpack_int4(q: Any, axis: int) -> Any:
@@ -117,6 +142,37 @@ def quantize_params(params: dict[str, Any], bits: int, groups: int = 1) -> dict[
         else:
             out[key] = value
     return out
+
+
+def dequantize_params(params: dict[str, Any], bits: int, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """The float tree a quantized tree stands for: each `<kernel>_q`/`<kernel>_scale` pair (layers
+    stacked on axis 0) -> `<kernel>` = dequantize_kernel of every layer; other leaves unchanged."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out[key] = dequantize_params(value, bits, dtype)
+        elif key.endswith("_q") and key[:-2] in KERNELS:
+            name, scale = key[:-2], params[key[:-2] + "_scale"]
+            out[name] = jnp.stack([dequantize_kernel(value[i], scale[i], name, bits, dtype)
+                                   for i in range(value.shape[0])])
+        elif not (key.endswith("_scale") and key[:-6] in KERNELS):
+            out[key] = value
+    return out
+
+
+def set_param(tree: dict[str, Any], path: tuple[str, ...], layer: int | None, arr: np.ndarray,
+              num_layers: int) -> None:
+    """Put a host array into a parameter tree in its own dtype; a per-layer one into its slot of
+    the [num_layers, ...] stack (allocated on first use)."""
+    node = tree
+    for k in path[:-1]:
+        node = node.setdefault(k, {})
+    if layer is None:
+        node[path[-1]] = arr
+        return
+    if path[-1] not in node:
+        node[path[-1]] = np.empty((num_layers,) + arr.shape, arr.dtype)
+    node[path[-1]][layer] = arr
 
 
 def param_bytes(params: Any) -> int:
