@@ -1,4 +1,6 @@
-"""`glmjax` command line: info | forward. Bad input ends in one `glmjax: error: ...` line, exit 2."""
+"""`glmjax` command line: info | forward | convert | tokenizer | data | train | generate.
+
+Bad input ends in one `glmjax: error: ...` line and exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from glmjax import config as C
 from glmjax.errors import GlmjaxError, InputError
@@ -209,6 +212,89 @@ def cmd_train(a: argparse.Namespace) -> int:
     return train_main(a.config, a.overrides)
 
 
+def _generate_config(a: argparse.Namespace, tok: Any) -> Any:
+    from glmjax.infer.blanks import end_tokens
+    from glmjax.infer.decode import GenerateConfig
+
+    sampling = {k: getattr(a, k) for k in ("temperature", "top_k", "top_p") if getattr(a, k) is not None}
+    beam = {k: getattr(a, k) for k in ("num_beams", "length_penalty") if getattr(a, k) is not None}
+    strategy = a.strategy or ("beam" if beam else "sample" if sampling else "greedy")
+    if strategy != "beam" and beam:
+        raise GlmjaxError(f"--{next(iter(beam)).replace('_', '-')} only applies to --strategy beam "
+                          f"(got --strategy {strategy})")
+    if strategy != "sample" and sampling:
+        raise GlmjaxError(f"--{next(iter(sampling)).replace('_', '-')} only applies to --strategy sample "
+                          f"(got --strategy {strategy})")
+    return GenerateConfig(strategy=strategy, max_new_tokens=a.max_new_tokens, **sampling, **beam,
+                          no_repeat_ngram=a.no_repeat_ngram, min_gen_length=a.min_gen_length,
+                          deterministic=not a.stochastic_beams, end_tokens=end_tokens(tok), seed=a.seed)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import json
+
+    from glmjax.infer.blanks import fill_blanks, load_model
+    from glmjax.infer.decode import Generator
+    from glmjax.model.quant import param_bytes
+    from glmjax.parallel.mesh import make_mesh
+
+    if a.prompt is not None and a.input_file:
+        raise GlmjaxError("give --prompt or --input-file, not both")
+    prompts = None
+    if a.prompt is not None:
+        prompts = [a.prompt]
+    elif a.input_file:
+        if not os.path.isfile(a.input_file):
+            raise GlmjaxError(f"input file not found: {a.input_file}")
+        prompts = []
+        with open(a.input_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        prompts.append(json.loads(line)["prompt"])
+                    except (ValueError, KeyError, TypeError):
+                        raise GlmjaxError(f"{a.input_file}:{n}: expected a JSON object with a \"prompt\"") from None
+    cfg = C.resolve(None, a.config, a.overrides) if a.config else None
+    mesh = make_mesh(a.mesh)
+    cfg, params, tok = load_model(a.checkpoint, mesh, config=cfg, quantize=a.quantize, tokenizer=a.tokenizer)
+    gc = _generate_config(a, tok)
+    gen = Generator(cfg, params, mesh, vocab_limit=tok.vocab_size)
+    weights = f"int{cfg.quantization_bits}" if cfg.quantization_bits else cfg.param_dtype
+    print(f"model: {cfg.num_params() / 1e6:.1f}M parameters, {weights} weights: {_human(param_bytes(params))} on "
+          f"{mesh.size} device(s); strategy {gc.strategy}", file=sys.stderr)
+    if prompts is not None:
+        results = []
+        for start in range(0, len(prompts), a.batch_size):
+            results += fill_blanks(gen, tok, prompts[start:start + a.batch_size], gc)
+        out = open(a.output, "w", encoding="utf-8") if a.output else sys.stdout
+        try:
+            for r in results:
+                if a.input_file:
+                    out.write(json.dumps({"prompt": r.prompt, "text": r.text, "blanks": r.blanks},
+                                         ensure_ascii=False) + "\n")
+                else:
+                    out.write(r.text + "\n")
+        finally:
+            if a.output:
+                out.close()
+        return 0
+    # interactive, as GLM-130B's generate.py: a prompt per line, tokens shown as they come
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("\nEnter prompt (empty line or 'stop' to quit): ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("", "stop"):
+            return 0
+        try:
+            stream = (lambda row, text: print(text, end="", flush=True)) if gc.strategy != "beam" else None
+            (r,) = fill_blanks(gen, tok, [line.rstrip("\n")], gc, on_token=stream)
+        except GlmjaxError as e:  # one bad prompt does not end the session
+            print(f"glmjax: error: {e}", file=sys.stderr)
+            continue
+        print(("\n" if stream else "") + r.text, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmjax", description="GLM-130B in JAX: inspect, run, compare.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -247,6 +333,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--quantize/--dtype conversions: largest mean KL divergence accepted")
     cv.add_argument("--mesh", default=None, help="mesh for --verify (default one device)")
     cv.set_defaults(func=cmd_convert)
+    ge = sub.add_parser("generate", help="fill [MASK]/[sMASK]/[gMASK] blanks: --prompt, --input-file, or stdin")
+    ge.add_argument("--checkpoint", required=True, help="training run directory, or a glmjax/SAT/HF checkpoint")
+    ge.add_argument("--config", help="model config; required for SAT checkpoints")
+    ge.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    ge.add_argument("--tokenizer", help="tokenizer directory or icetk ice_text.model (default: CHECKPOINT/tokenizer)")
+    ge.add_argument("--prompt", help="one prompt; without a mask token [gMASK] is appended")
+    ge.add_argument("--input-file", help="JSONL of {\"prompt\": ...}; writes JSONL {prompt, text, blanks}")
+    ge.add_argument("--output", help="file for the results (default stdout)")
+    ge.add_argument("--strategy", choices=("greedy", "sample", "beam"))
+    ge.add_argument("--max-new-tokens", type=int, default=64)
+    ge.add_argument("--temperature", type=float)
+    ge.add_argument("--top-k", type=int)
+    ge.add_argument("--top-p", type=float)
+    ge.add_argument("--num-beams", type=int)
+    ge.add_argument("--length-penalty", type=float)
+    ge.add_argument("--no-repeat-ngram", type=int, default=0)
+    ge.add_argument("--min-gen-length", type=int, default=0)
+    ge.add_argument("--stochastic-beams", action="store_true",
+                    help="beam candidates sampled as GLM-130B's generate.py (default: top-k, as its evaluation)")
+    ge.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization kept on the devices")
+    ge.add_argument("--mesh", default=None, help="e.g. tensor=2 (-1 fills); default one device")
+    ge.add_argument("--batch-size", type=int, default=8, help="prompts per compiled batch (--input-file)")
+    ge.add_argument("--seed", type=int, default=0)
+    ge.set_defaults(func=cmd_generate)
     tr = sub.add_parser("train", help="train (or resume) a GLM from an experiment file")
     tr.add_argument("config", help="experiment YAML (model:, data:, objective:, optim:, loss_scale:, train:)")
     tr.add_argument("overrides", nargs="*", metavar="section.key=value")

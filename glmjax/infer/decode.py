@@ -23,6 +23,7 @@ Strategy semantics follow GLM-130B's generation/strategies.py:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -190,6 +191,7 @@ class Generator:
         self.vocab_limit = vocab_limit or cfg.vocab_size
         self.p_shard = param_shardings(cfg, mesh)
         self._compiled: dict[tuple, Any] = {}
+        self._sink = None  # host callback of the streaming loop: tokens [b] of each step
 
     @property
     def batch_multiple(self) -> int:
@@ -229,7 +231,11 @@ class Generator:
         logits, cache = self._forward(params, tok[:, None], pos, ~valid[:, None, None, :], cache, idx)
         return logits, cache, valid
 
-    def _sample_loop(self, params, a, gc: GenerateConfig):
+    def _emit(self, tokens) -> None:
+        if self._sink is not None:
+            self._sink(np.asarray(tokens))
+
+    def _sample_loop(self, params, a, gc: GenerateConfig, stream: bool = False):
         b, p = a["tokens"].shape
         logits, cache, valid = self._prefill(params, a, p + gc.max_new_tokens, 1)
         ends = jnp.asarray(gc.end_tokens or (-1,))
@@ -247,6 +253,8 @@ class Generator:
                 keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
                 tok = jax.vmap(jax.random.categorical)(keys, lg)
             tok = jnp.where(done, -1, tok).astype(jnp.int32)  # finished rows emit -1, as GLM-130B
+            if stream:
+                jax.debug.callback(self._emit, tok, ordered=True)
             out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, 1)
             done = done | jnp.isin(tok, ends)
             logits, cache, valid = self._step(params, jnp.maximum(tok, 0), t, p, a["gen_pos_base"],
@@ -261,7 +269,7 @@ class Generator:
         t, _, _, _, out, _ = jax.lax.while_loop(cond, body, state)
         return {"tokens": out, "steps": t}
 
-    def _beam_loop(self, params, a, gc: GenerateConfig):
+    def _beam_loop(self, params, a, gc: GenerateConfig, stream: bool = False):  # beams change: no stream
         b, p = a["tokens"].shape
         k, steps = gc.num_beams, gc.max_new_tokens
         n = b * k
@@ -343,21 +351,28 @@ class Generator:
         return {"tokens": fin_tok[:, 0], "beams": fin_tok, "beam_scores": fin_score,
                 "beam_lengths": fin_len - ctx[:, None], "steps": t}
 
-    def generate(self, prepared: Prepared, gc: GenerateConfig) -> dict[str, np.ndarray]:
+    def generate(self, prepared: Prepared, gc: GenerateConfig, stream=None) -> dict[str, np.ndarray]:
         """Run the compiled loop; returns numpy 'tokens' [rows, max_new] (-1 after the end) and, for
-        beam search, every hypothesis with its penalised score."""
+        beam search, every hypothesis with its penalised score. stream(tokens [b]) is called from
+        inside the loop with each step's tokens (greedy and sampling)."""
         a = prepared.arrays
         b, p = a["tokens"].shape
         if b % self.batch_multiple:
             raise InputError(f"batch {b} is not a multiple of the mesh's data parallelism {self.batch_multiple}")
-        key = (b, p, gc)
+        key = (b, p, gc, stream is not None)
         if key not in self._compiled:
-            loop = self._beam_loop if gc.strategy == "beam" else self._sample_loop
+            loop = functools.partial(self._beam_loop if gc.strategy == "beam" else self._sample_loop,
+                                     stream=stream is not None)
             batch_shard = {k: rules.named(self.mesh, "batch", *((None,) * (np.ndim(v) - 1))) for k, v in a.items()}
             self._compiled[key] = jax.jit(lambda params, arrays: loop(params, arrays, gc),
                                           in_shardings=(self.p_shard, batch_shard))
-        with jax.set_mesh(self.mesh):
-            out = self._compiled[key](self.params, a)
+        self._sink = stream
+        try:
+            with jax.set_mesh(self.mesh):
+                out = self._compiled[key](self.params, a)
+                jax.block_until_ready(out)
+        finally:
+            self._sink = None
         out = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
         rows = prepared.rows
         return {k: (v[:rows] if np.ndim(v) else v) for k, v in out.items()}

@@ -7,6 +7,7 @@ step, consumed samples, RNG and the data position.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -168,6 +169,53 @@ class SpikeGuard:
         return spike
 
 
+RUN_INFO = "run.json"
+
+
+def write_run_info(directory: str, cfg: C.GLMConfig, tokenizer_dir: str | None) -> None:
+    """The model config and a copy of the tokenizer beside the checkpoints, so `glmjax generate
+    --checkpoint DIR` needs nothing else."""
+    import shutil
+
+    os.makedirs(directory, exist_ok=True)
+    tok_copy = os.path.join(directory, "tokenizer")
+    if tokenizer_dir and os.path.isdir(tokenizer_dir) and not os.path.isdir(tok_copy):
+        shutil.copytree(tokenizer_dir, tok_copy + ".tmp", dirs_exist_ok=True)
+        os.replace(tok_copy + ".tmp", tok_copy)
+    tmp = os.path.join(directory, RUN_INFO + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"model": cfg.to_dict(), "tokenizer": "tokenizer" if os.path.isdir(tok_copy) else None}, f,
+                  indent=2)
+    os.replace(tmp, os.path.join(directory, RUN_INFO))
+
+
+def restore_run_params(directory: str, mesh: Any, step: int | None = None) -> tuple[C.GLMConfig, Any, int]:
+    """Only the parameters of a training checkpoint (newest complete step by default) on `mesh`."""
+    import orbax.checkpoint as ocp
+
+    from glmjax.model.api import abstract_params, param_shardings
+
+    info_path = os.path.join(directory, RUN_INFO)
+    if not os.path.isfile(info_path):
+        raise GlmjaxError(f"{directory} is not a training run directory (no {RUN_INFO})")
+    with open(info_path) as f:
+        cfg = C.from_dict(json.load(f)["model"], source=info_path)
+    mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise GlmjaxError(f"{directory} holds no complete checkpoint yet")
+    import flax.linen as nn
+
+    shardings = param_shardings(cfg, mesh)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(abstract_params(cfg)), shardings)
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
+        partial_restore=True)))
+    mngr.close()
+    return cfg, restored["state"]["params"], step
+
+
 def _manager(directory: str, keep: int):
     import orbax.checkpoint as ocp
 
@@ -237,6 +285,8 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
     if latest is not None:
         state, data_position = _restore(mngr, latest, state)
         log(f"resumed from {run.checkpoint_dir} step {latest} (data position {data_position})")
+    if jax.process_index() == 0:
+        write_run_info(run.checkpoint_dir, cfg, shards.manifest.get("tokenizer"))
     report = Reporter(run.checkpoint_dir, run.steps, int(state.step), log, enabled=jax.process_index() == 0)
     guard, rollbacks = SpikeGuard(run.spike_threshold, run.spike_window), 0
     flops_per_token = model_flops_per_token(cfg, exp["objective"].seq_length)

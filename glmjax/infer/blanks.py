@@ -1,0 +1,160 @@
+"""Text in, text out: load a model and its tokenizer for generation, and GLM-130B's blank filling.
+
+fill_blanks (GLM-130B generate.py): a prompt without a mask token gets [gMASK] at its end. The
+mask kind used is [MASK] if the prompt has one, else [sMASK], else [gMASK]; its first occurrence
+is filled by generating after `prompt + [sop]` (positions of [sop] and the generated tokens set
+per the layout rules), the generated span up to the first end token replaces the mask, and the
+next mask of that kind is filled from the spliced text, until none is left. Prompts of a batch are
+filled together, one blank per round. With beam search the best hypothesis is spliced (GLM-130B
+continues every beam separately and returns them all).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from glmjax.config import GLMConfig
+from glmjax.data.tokenizer import GLMTokenizer, load_tokenizer
+from glmjax.errors import InputError
+from glmjax.infer.decode import GenerateConfig, Generator, prepare
+from glmjax.model.layouts import SpecialIds
+
+
+def load_model(checkpoint: str, mesh: Any, *, config: GLMConfig | None = None, quantize: str | None = None,
+               tokenizer: str | None = None) -> tuple[GLMConfig, Any, GLMTokenizer]:
+    """A training run directory (run.json + orbax steps), or a converted checkpoint (glmjax/orbax,
+    SAT with `config`, Hugging Face ChatGLM), and its tokenizer (`tokenizer`, else the one stored
+    beside the checkpoint)."""
+    from glmjax.convert import run as convert_run
+    from glmjax.train.loop import RUN_INFO, restore_run_params
+
+    if not os.path.isdir(checkpoint):
+        raise InputError(f"checkpoint not found: {checkpoint}")
+    if os.path.isfile(os.path.join(checkpoint, RUN_INFO)):
+        cfg, params, _ = restore_run_params(checkpoint, mesh)
+        if quantize:
+            import jax
+
+            from glmjax.model import api, quant
+
+            bits = convert_run.QUANTIZE_BITS[quantize]
+            host = jax.tree.map(np.asarray, jax.device_get(params))
+            del params
+            cfg = cfg.replace(quantization_bits=bits, quantization_groups=1)
+            params = api.shard_params(quant.quantize_params(host, bits), cfg, mesh)
+    else:
+        fmt = convert_run.detect_format(checkpoint)
+        cfg, params = convert_run.load_params(fmt, checkpoint, config, mesh, quantize=quantize)
+    tok_path = tokenizer or os.path.join(checkpoint, "tokenizer")
+    if not os.path.exists(tok_path):
+        raise InputError(f"checkpoint {checkpoint} has no tokenizer (no {tok_path}); pass --tokenizer DIR "
+                         f"(a glmjax tokenizer directory or icetk's ice_text.model)")
+    tok = load_tokenizer(tok_path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise InputError(f"the tokenizer has {tok.vocab_size} ids, the model only {cfg.vocab_size}")
+    return cfg, params, tok
+
+
+def special_ids(tok: GLMTokenizer) -> SpecialIds:
+    return SpecialIds(mask=tok["MASK"], gmask=tok["gMASK"], smask=tok["sMASK"], sop=tok["sop"], pad=tok.pad_id)
+
+
+def end_tokens(tok: GLMTokenizer) -> tuple[int, ...]:
+    """GLM-130B stops at [eop] or the end of text."""
+    return tuple(dict.fromkeys((tok["eop"], tok.eos_id)))
+
+
+def encode_prompt(tok: GLMTokenizer, text: str) -> list[int]:
+    """Ids of a prompt; [gMASK] appended when it has no mask token. One clear error for bad input."""
+    if not text.strip():
+        raise InputError("empty prompt")
+    ids = tok.encode(text)
+    specials = set(tok.special_ids.values())
+    masks = {tok["MASK"], tok["sMASK"], tok["gMASK"]}
+    stray = [tok.special_names[i] for i in ids if i in specials and i not in masks]
+    if stray:
+        raise InputError(f"prompt holds the special token [{stray[0]}]; only [MASK], [sMASK] and [gMASK] may appear")
+    unknown = [t for t in _bracketed(text) if t not in tok.special_ids]
+    if unknown:
+        raise InputError(f"unknown special token [{unknown[0]}] in the prompt (known: [MASK], [sMASK], [gMASK])")
+    if not masks & set(ids):
+        ids.append(tok["gMASK"])
+    return ids
+
+
+def _bracketed(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"\[([A-Za-z][A-Za-z0-9_]*MASK[A-Za-z0-9_]*)\]", text)
+
+
+@dataclasses.dataclass
+class Filled:
+    prompt: str
+    text: str  # the prompt with every blank filled
+    blanks: list[str]  # what went into each blank, in order
+
+
+def fill_blanks(gen: Generator, tok: GLMTokenizer, prompts: Sequence[str], gc: GenerateConfig,
+                on_token: Callable[[int, str], None] | None = None) -> list[Filled]:
+    """Fill every blank of every prompt (see the module docstring). on_token(row, text) streams the
+    text of each blank as it is generated (interactive mode)."""
+    ids = special_ids(tok)
+    gc = dataclasses.replace(gc, end_tokens=gc.end_tokens or end_tokens(tok))
+    seqs = [encode_prompt(tok, p) for p in prompts]
+    kinds = [_kind(s, ids) for s in seqs]
+    blanks: list[list[str]] = [[] for _ in prompts]
+    while True:
+        todo = [i for i, s in enumerate(seqs) if kinds[i] in s]
+        if not todo:
+            break
+        rows = [seqs[i] + [ids.sop] for i in todo]
+        prep = prepare(rows, ids, gen.cfg, gc.max_new_tokens, gen.batch_multiple, gc.no_repeat_ngram)
+        stream = None
+        if on_token is not None:
+            stream = _Streamer(tok, todo, on_token, gc.end_tokens)
+        out = gen.generate(prep, gc, stream=stream)
+        for row, i in enumerate(todo):
+            span = []
+            for x in out["tokens"][row].tolist():
+                if x < 0 or x in gc.end_tokens:
+                    break
+                span.append(int(x))
+            at = seqs[i].index(kinds[i])
+            seqs[i] = seqs[i][:at] + span + seqs[i][at + 1:]
+            blanks[i].append(tok.decode(span))
+    return [Filled(p, tok.decode(s), b) for p, s, b in zip(prompts, seqs, blanks)]
+
+
+def _kind(seq: Sequence[int], ids: SpecialIds) -> int:
+    for k in (ids.mask, ids.smask, ids.gmask):
+        if k in seq:
+            return k
+    return ids.gmask
+
+
+class _Streamer:
+    """Host side of the decode loop's per-token callback: text of each row's blank as it grows."""
+
+    def __init__(self, tok: GLMTokenizer, rows: Sequence[int], emit: Callable[[int, str], None],
+                 end: Sequence[int]):
+        self.tok, self.rows, self.emit, self.end = tok, list(rows), emit, set(end)
+        self.ids: list[list[int]] = [[] for _ in rows]
+        self.shown = ["" for _ in rows]
+        self.closed = [False] * len(rows)
+
+    def __call__(self, tokens: np.ndarray) -> None:
+        for r in range(len(self.rows)):
+            x = int(tokens[r])
+            if self.closed[r] or x < 0 or x in self.end:
+                self.closed[r] = True
+                continue
+            self.ids[r].append(x)
+            text = self.tok.decode(self.ids[r])
+            if text.startswith(self.shown[r]) and len(text) > len(self.shown[r]):
+                self.emit(self.rows[r], text[len(self.shown[r]):])
+                self.shown[r] = text

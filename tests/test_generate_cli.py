@@ -1,0 +1,90 @@
+"""`glmjax generate` end to end on a run directory written by `glmjax train`: blank filling of
+[MASK]/[gMASK] prompts, JSONL in/out, stdin mode, quantized weights, and one-line errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from test_tokenizer import bilingual_lines
+
+from glmjax.cli import main
+from glmjax.data import pipeline
+from glmjax.data.tokenizer import train_tokenizer
+
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A 2-step training run: run.json, tokenizer/ and an orbax checkpoint."""
+    d = tmp_path_factory.mktemp("gen")
+    (d / "corpus.txt").write_text("\n\n".join(bilingual_lines(400, 5)) + "\n", encoding="utf-8")
+    tok = train_tokenizer([str(d / "corpus.txt")], 600, str(d / "tok"))
+    pipeline.prepare([str(d / "corpus.txt")], str(d / "tok"), str(d / "data"))
+    (d / "exp.yaml").write_text(f"""
+model: {{num_layers: 2, hidden_size: 64, num_attention_heads: 4, inner_hidden_size: 128,
+        vocab_size: {tok.vocab_size}, max_sequence_length: 64}}
+data: {{path: {d / 'data'}}}
+objective: {{window: 32}}
+optim: {{lr: 0.002, min_lr: 0.0002, warmup_samples: 8, decay_samples: 100, rampup_batch_size: null,
+        global_batch: 8}}
+train: {{steps: 2, micro_batch: 8, checkpoint_dir: {d / 'run'}, checkpoint_every: 2}}
+""")
+    assert main(["train", str(d / "exp.yaml")]) == 0
+    assert (d / "run" / "run.json").is_file() and (d / "run" / "tokenizer").is_dir()
+    return d / "run"
+
+
+def generate(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "glmjax", "generate", *args], env=ENV, capture_output=True,
+                          text=True, input=stdin, timeout=600)
+
+
+def test_mask_and_gmask_prompts_are_filled_blank_by_blank(run_dir, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": "one [MASK] two [MASK] three"}) + "\n"
+                   + json.dumps({"prompt": "a prompt without a mask"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = generate("--checkpoint", str(run_dir), "--input-file", str(inp), "--output", str(out),
+                 "--max-new-tokens", "4", "--mesh", "data=2,tensor=2,fsdp=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 2
+    assert len(rows[0]["blanks"]) == 2 and "[MASK]" not in rows[0]["text"]
+    assert rows[0]["text"].startswith("one") and "two" in rows[0]["text"] and rows[0]["text"].endswith("three")
+    assert len(rows[1]["blanks"]) == 1 and rows[1]["text"].startswith("a prompt without a mask")
+    assert "[gMASK]" not in rows[1]["text"]
+    assert "float32 weights" in r.stderr
+
+
+def test_stdin_mode_streams_and_quantized_weights_load(run_dir):
+    r = generate("--checkpoint", str(run_dir), "--max-new-tokens", "3", "--quantize", "int4",
+                 stdin="first [MASK] prompt\n\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "int4 weights" in r.stderr and "first" in r.stdout and "prompt" in r.stdout
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--prompt", "   "], "empty prompt"),
+    (["--prompt", "word " * 200], "exceeds the model's context of 64"),
+    (["--prompt", "x [XMASK] y"], "unknown special token [XMASK]"),
+    (["--prompt", "x [eop] y"], "special token [eop]"),
+    (["--prompt", "x", "--strategy", "sample", "--num-beams", "4"], "--num-beams only applies to --strategy beam"),
+    (["--prompt", "x", "--strategy", "beam", "--top-p", "0.7"], "--top-p only applies to --strategy sample"),
+    (["--prompt", "x", "--strategy", "beam", "--num-beams", "0"], "num_beams must be >= 1"),
+])
+def test_bad_generation_input_is_one_clear_line(run_dir, capsys, args, msg):
+    assert main(["generate", "--checkpoint", str(run_dir), "--max-new-tokens", "4", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("glmjax: error: ") and msg in err, err
+
+
+def test_a_checkpoint_without_a_tokenizer_is_refused(run_dir, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(run_dir, bare)
+    shutil.rmtree(bare / "tokenizer")
+    assert main(["generate", "--checkpoint", str(bare), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "has no tokenizer" in err and "--tokenizer" in err
