@@ -17,7 +17,7 @@ CPU_MESH := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 PYTEST_ARGS ?=
 
 .PHONY: install test test-fast lint demo info forward convert-sat2orbax convert-orbax2sat bench sat-env clean \
-	data-pydoc train
+	data-pydoc train generate
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,12 @@ data-pydoc: runs/data/pydoc/manifest.json
 TRAIN_CONFIG ?= experiments/glm-small-cpu.yaml
 train: $(STAMP) $(if $(filter experiments/glm-small-cpu.yaml,$(TRAIN_CONFIG)),runs/data/pydoc/manifest.json)
 	$(CPU_MESH) $(PY) -m glmjax train $(TRAIN_CONFIG) $(ARGS)
+
+# generate from a training run (default: the demo's) or any checkpoint; PROMPT=... or stdin (interactive)
+CHECKPOINT_DIR ?= runs/demo/run
+generate: $(STAMP)
+	$(CPU_MESH) $(PY) -m glmjax generate --checkpoint $(CHECKPOINT_DIR) $(if $(PROMPT),--prompt "$(PROMPT)") \
+		$(if $(MESH),--mesh $(MESH)) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(ARGS)
 
 BENCH_LAYERS ?= 2
 BENCH_TRAIN ?= --preset glm-test --seq-length 128 --micro-batch 8 --steps 10

@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--tokenizer", help="tokenizer directory (or icetk's ice_text.model) for encode/decode")
     tk.add_argument("--input", nargs="+", default=[], help="train: text files or globs")
     tk.add_argument("--vocab-size", type=int, default=32000, help="train: SentencePiece pieces")
-    tk.add_argument("--layout", choices=("glm-130b", "chatglm-6b"), default="glm-130b")
+    tk.add_argument("--layout", choices=("glm-130b", "chatglm-6b", "compact"), default="glm-130b",
+                    help="id layout: GLM-130B's (text from 20000), ChatGLM-6B's, or compact (text from 0)")
     tk.add_argument("--out", help="train: output directory")
     tk.set_defaults(func=cmd_tokenizer)
     da = sub.add_parser("data", help="prepare a corpus into token shards, or inspect GLM training sequences")

@@ -30,7 +30,7 @@ def bilingual_lines(n, seed):
     return lines
 
 
-@pytest.fixture(scope="module", params=["glm-130b", "chatglm-6b"])
+@pytest.fixture(scope="module", params=["glm-130b", "chatglm-6b", "compact"])
 def tok(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     (d / "corpus.txt").write_text("\n".join(bilingual_lines(4000, 0)) + "\n", encoding="utf-8")
@@ -54,6 +54,9 @@ def test_trained_tokenizer_follows_its_layout(tok):
         assert tok.eos_id == 20002 and tok.pad_id == 0 and tok.newline_id == 20004  # </s>, pad, <n> as icetk
         assert tok.vocab_size % 768 == 0 and tok.vocab_size >= tok["dBLOCK"] + 1
         assert all(i >= 20000 for i in tok.encode("hello 你好\nworld"))  # below 20000: image ids
+    elif tok.layout.name == "compact":  # GLM-130B's scheme with text from id 0
+        assert tok["MASK"] == tok.num_text and tok.eos_id == 2 and tok.pad_id == 0 and tok.newline_id == 4
+        assert tok.vocab_size % 64 == 0 and tok.vocab_size >= tok["dBLOCK"] + 1 and tok.eos_id != tok["eop"]
     else:
         assert tok["MASK"] == tok.num_text and tok.eos_id == tok["eop"] and tok.pad_id == 3
         assert tok.vocab_size == tok.num_text + 528

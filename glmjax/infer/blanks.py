@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,7 +73,9 @@ def encode_prompt(tok: GLMTokenizer, text: str) -> list[int]:
     """Ids of a prompt; [gMASK] appended when it has no mask token. One clear error for bad input."""
     if not text.strip():
         raise InputError("empty prompt")
-    ids = tok.encode(text)
+    # "The [MASK] is" -> ids of "The", [MASK], "is": spaces around a blank belong to it, as in the
+    # training samples (made from token ids), not stray whitespace pieces
+    ids = tok.encode(re.sub(r" *(\[[sg]?MASK\]) *", r"\1", text))
     specials = set(tok.special_ids.values())
     masks = {tok["MASK"], tok["sMASK"], tok["gMASK"]}
     stray = [tok.special_names[i] for i in ids if i in specials and i not in masks]
@@ -87,8 +90,6 @@ def encode_prompt(tok: GLMTokenizer, text: str) -> list[int]:
 
 
 def _bracketed(text: str) -> list[str]:
-    import re
-
     return re.findall(r"\[([A-Za-z][A-Za-z0-9_]*MASK[A-Za-z0-9_]*)\]", text)
 
 
@@ -104,7 +105,10 @@ def fill_blanks(gen: Generator, tok: GLMTokenizer, prompts: Sequence[str], gc: G
     """Fill every blank of every prompt (see the module docstring). on_token(row, text) streams the
     text of each blank as it is generated (interactive mode)."""
     ids = special_ids(tok)
-    gc = dataclasses.replace(gc, end_tokens=gc.end_tokens or end_tokens(tok))
+    ends = gc.end_tokens or end_tokens(tok)
+    # special tokens other than the end tokens never appear inside a blank
+    banned = tuple(sorted(set(gc.invalid_ids) | {i for i in tok.special_ids.values() if i not in ends}))
+    gc = dataclasses.replace(gc, end_tokens=ends, invalid_ids=banned)
     seqs = [encode_prompt(tok, p) for p in prompts]
     kinds = [_kind(s, ids) for s in seqs]
     blanks: list[list[str]] = [[] for _ in prompts]

@@ -359,6 +359,8 @@ def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
 
 def main(path: str, overrides: Sequence[str]) -> int:
     exp = load_experiment(path, overrides)
+    if os.environ.get("GLMJAX_DISTRIBUTED") == "1":  # multi-host: coordinator from the TPU pod / SLURM env
+        jax.distributed.initialize()
     try:
         train(exp, log=lambda msg: print(msg, flush=True))
     except GlmjaxError:
