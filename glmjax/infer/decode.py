@@ -11,12 +11,13 @@ Strategy semantics follow GLM-130B's generation/strategies.py:
   * sampling: temperature, then top-k, then top-p keeping the first token above the threshold,
     per row (GLM-130B's top-p only works for batch 1);
   * beam search: log-softmax plus the beam score, candidates (max(1, #end) + 1) x beams picked by
-    top-k (deterministic) or sampled without replacement; candidates sorted by score; an end token
-    ahead of the beams-th live candidate closes a hypothesis scored score / ((5 + len) / 6)^lp with
-    len counting the context; a row is done when beams hypotheses are closed and the worst beats
-    the best live beam's bound; at the end the live beams join the hypotheses (GLM-130B's
-    `finalize(consider_end=True)` meant to add every live beam; its loop bound adds only the first
-    batch_size of them);
+    top-k (deterministic) or sampled without replacement; candidates sorted by score and walked in
+    order: an end token closes a hypothesis scored score / ((5 + len) / 6)^lp (len counting the
+    context), another token joins the live beams, and the walk stops at the first non-end token
+    that finds all beams filled (end tokens between the beams-th and that one still close); a row
+    is done when beams hypotheses are closed and the worst beats the best live beam's bound; at the
+    end the live beams join the hypotheses (GLM-130B's `finalize(consider_end=True)` meant to add
+    every live beam; its loop bound adds only the first batch_size of them);
   * no-repeat-ngram: a token that would repeat an n-gram this sequence generated before is banned
     (GLM-130B keeps the same bans in per-beam dictionaries).
 """
@@ -235,11 +236,11 @@ class Generator:
         if self._sink is not None:
             self._sink(np.asarray(tokens))
 
-    def _sample_loop(self, params, a, gc: GenerateConfig, stream: bool = False):
+    def _sample_loop(self, params, a, gc: GenerateConfig, stream: bool = False, key_data=None):
         b, p = a["tokens"].shape
         logits, cache, valid = self._prefill(params, a, p + gc.max_new_tokens, 1)
         ends = jnp.asarray(gc.end_tokens or (-1,))
-        key = jax.random.key(gc.seed)
+        key = jax.random.key(gc.seed) if key_data is None else jax.random.wrap_key_data(key_data)
         row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b))
 
         def body(state):
@@ -269,7 +270,8 @@ class Generator:
         t, _, _, _, out, _ = jax.lax.while_loop(cond, body, state)
         return {"tokens": out, "steps": t}
 
-    def _beam_loop(self, params, a, gc: GenerateConfig, stream: bool = False):  # beams change: no stream
+    def _beam_loop(self, params, a, gc: GenerateConfig, stream: bool = False,  # beams change: no stream
+                   key_data=None):
         b, p = a["tokens"].shape
         k, steps = gc.num_beams, gc.max_new_tokens
         n = b * k
@@ -280,7 +282,7 @@ class Generator:
         ctx = a["context_lengths"]  # [b]
         tail = jnp.repeat(a["context_tail"], k, 0)
         base, step_ = jnp.repeat(a["gen_pos_base"], k, 0), jnp.repeat(a["gen_pos_step"], k, 0)
-        key = jax.random.key(gc.seed)
+        key = jax.random.key(gc.seed) if key_data is None else jax.random.wrap_key_data(key_data)
 
         def penalty(length):
             return ((5.0 + length) / 6.0) ** lp
@@ -315,9 +317,11 @@ class Generator:
             is_end = jnp.isin(tok, ends) & ~done[:, None]
             live_rank = jnp.cumsum(~is_end, 1) - 1
             live = ~is_end & (live_rank < k)
-            # an end candidate counts only if it comes before the k-th live candidate
-            kth_live = jnp.argmax(~is_end & (live_rank == k - 1), 1)
-            end_ok = is_end & (jnp.arange(n_cand)[None] < kth_live[:, None])
+            # GLM-130B walks the sorted candidates and stops at the first live one that finds all k
+            # beams filled: end candidates before that one close hypotheses, those after it do not
+            stop = ~is_end & (live_rank == k)
+            cutoff = jnp.where(stop.any(1), jnp.argmax(stop, 1), n_cand)
+            end_ok = is_end & (jnp.arange(n_cand)[None] < cutoff[:, None])
             parent_gen = jnp.take_along_axis(gen, parent[..., None], 1)  # [b, C, steps]
             cand_gen = jnp.where(jnp.arange(steps) == t, tok[..., None], parent_gen)
             new_len = jnp.broadcast_to((ctx + t + 1)[:, None], tok.shape)
@@ -359,17 +363,21 @@ class Generator:
         b, p = a["tokens"].shape
         if b % self.batch_multiple:
             raise InputError(f"batch {b} is not a multiple of the mesh's data parallelism {self.batch_multiple}")
-        key = (b, p, gc, stream is not None)
+        if a["context_tail"].shape[1] < gc.no_repeat_ngram - 1:
+            raise InputError(f"no_repeat_ngram={gc.no_repeat_ngram} needs the batch prepared with "
+                             f"prepare(..., no_repeat_ngram={gc.no_repeat_ngram})")
+        # the seed is an argument of the program, not a constant in it: a new seed reuses the program
+        key = (b, p, dataclasses.replace(gc, seed=0), stream is not None)
         if key not in self._compiled:
             loop = functools.partial(self._beam_loop if gc.strategy == "beam" else self._sample_loop,
                                      stream=stream is not None)
             batch_shard = {k: rules.named(self.mesh, "batch", *((None,) * (np.ndim(v) - 1))) for k, v in a.items()}
-            self._compiled[key] = jax.jit(lambda params, arrays: loop(params, arrays, gc),
-                                          in_shardings=(self.p_shard, batch_shard))
+            self._compiled[key] = jax.jit(lambda params, arrays, kd: loop(params, arrays, gc, key_data=kd),
+                                          in_shardings=(self.p_shard, batch_shard, None))
         self._sink = stream
         try:
             with jax.set_mesh(self.mesh):
-                out = self._compiled[key](self.params, a)
+                out = self._compiled[key](self.params, a, np.asarray(jax.random.key_data(jax.random.key(gc.seed))))
                 jax.block_until_ready(out)
         finally:
             self._sink = None
