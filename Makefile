@@ -78,10 +78,12 @@ generate: $(STAMP)
 
 BENCH_LAYERS ?= 2
 BENCH_TRAIN ?= --preset glm-test --seq-length 128 --micro-batch 8 --steps 10
+BENCH_GENERATE ?= --preset glm-small --prompt 128 --new 32 --batch 1 16
 bench: $(STAMP)
 	$(PY) tools/bench_convert.py --layers $(BENCH_LAYERS) --tp 8
 	$(PY) tools/bench_data.py
 	$(PY) tools/bench_train.py $(BENCH_TRAIN)
+	$(PY) tools/bench_generate.py $(BENCH_GENERATE)
 
 # GLM-130B's own PyTorch model class (SwissArmyTransformer), for tests/test_sat_model_class.py
 sat-env:
