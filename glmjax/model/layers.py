@@ -45,7 +45,7 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def _kernel(module: nn.Module, name: str, init, shape, axes, cfg: GLMConfig) -> Array:
+def _kernel(module: nn.Module, name: str, init, shape, axes, cfg: GLMConfig) -> Array | tuple[Array, Array]:
     """A linear kernel in the compute dtype: the float parameter, or -- with quantization_bits --
     its int8 `<name>_q` and float16 `<name>_scale`, dequantized here (inside the layer scan)."""
     cdt = dtype_of(cfg.dtype)
@@ -56,7 +56,18 @@ def _kernel(module: nn.Module, name: str, init, shape, axes, cfg: GLMConfig) -> 
     q = _param(module, name + "_q", nn.initializers.zeros, q_shape, axes, jnp.int8)
     scale = _param(module, name + "_scale", nn.initializers.ones, s_shape, (None,) + tuple(axes[n_in:]),
                    jnp.float16)
+    if cfg.quantization_bits == 4:
+        return quant.dequantize_int4_halves(q, scale, name, cdt)
     return quant.dequantize_kernel(q, scale, name, cfg.quantization_bits, cdt)
+
+
+def _contract(equation: str, x: Array, w: Array | tuple[Array, Array]) -> Array:
+    """einsum of an activation with a kernel from _kernel. An int4 kernel arrives as its even- and
+    odd-input halves (packing runs along the input axis that is x's last): each half contracts
+    with the matching half of x."""
+    if isinstance(w, tuple):
+        return jnp.einsum(equation, x[..., 0::2], w[0]) + jnp.einsum(equation, x[..., 1::2], w[1])
+    return jnp.einsum(equation, x, w)
 
 
 class LayerNorm(nn.Module):
@@ -194,7 +205,7 @@ class SelfAttention(nn.Module):
                      ("heads", "kv", "embed"), cfg)
         bo = _param(self, "dense_bias", nn.initializers.zeros, (h,), ("embed",), pdt)
 
-        qkv = jnp.einsum("bse,ehtd->bshtd", x, wqkv) + bqkv.astype(cdt)
+        qkv = _contract("bse,ehtd->bshtd", x, wqkv) + bqkv.astype(cdt)
         qkv = nn.with_logical_constraint(qkv, ("batch", "length", "heads", None, "kv"))
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         q = apply_rotary(q, position_ids, cfg)
@@ -216,7 +227,7 @@ class SelfAttention(nn.Module):
         probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cdt), v)
         ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
-        out = jnp.einsum("bqhd,hde->bqe", ctx, wo) + bo.astype(cdt)
+        out = _contract("bqhd,hde->bqe", ctx, wo) + bo.astype(cdt)
         return out, (k, v)
 
 
@@ -235,18 +246,18 @@ class MLP(nn.Module):
             wi = _kernel(self, "wi_kernel", _xavier_normal(beta, (0,), (1, 2)), (h, 2, f),
                          ("embed", None, "mlp"), cfg)
             bi = _param(self, "wi_bias", nn.initializers.zeros, (2, f), (None, "mlp"), pdt)
-            hh = jnp.einsum("bse,etf->bstf", x, wi) + bi.astype(cdt)
+            hh = _contract("bse,etf->bstf", x, wi) + bi.astype(cdt)
             hh = nn.with_logical_constraint(hh, ("batch", "length", None, "mlp"))
             act = hh[..., 0, :] * jax.nn.gelu(hh[..., 1, :], approximate=False)
         else:
             wi = _kernel(self, "wi_kernel", _xavier_normal(beta), (h, f), ("embed", "mlp"), cfg)
             bi = _param(self, "wi_bias", nn.initializers.zeros, (f,), ("mlp",), pdt)
-            hh = jnp.einsum("bse,ef->bsf", x, wi) + bi.astype(cdt)
+            hh = _contract("bse,ef->bsf", x, wi) + bi.astype(cdt)
             act = jax.nn.gelu(hh, approximate=True)
         act = nn.with_logical_constraint(act, ("batch", "length", "mlp"))
         wo = _kernel(self, "wo_kernel", _xavier_normal(beta), (f, h), ("mlp", "embed"), cfg)
         bo = _param(self, "wo_bias", nn.initializers.zeros, (h,), ("embed",), pdt)
-        return jnp.einsum("bsf,fe->bse", act, wo) + bo.astype(cdt)
+        return _contract("bsf,fe->bse", act, wo) + bo.astype(cdt)
 
 
 class DeepNormBlock(nn.Module):

@@ -129,6 +129,15 @@ def dequantize_kernel(q: Any, scale: Any, name: str, bits: int, dtype: Any) -> A
     return w.reshape(q.shape).astype(dtype)
 
 
+def dequantize_int4_halves(q: Any, scale: Any, name: str, dtype: Any) -> tuple[Any, Any]:
+    """Packed int4 -> (weights of the even inputs, weights of the odd inputs), each dequantized as
+    GLM-130B does. A layer contracts each half with the matching half of its input, so the nibbles
+    are never interleaved back into one tensor (that copy made the scanned layers 4x slower on CPU)."""
+    hi = jnp.right_shift(q, 4)  # arithmetic on int8: the even input, sign-extended
+    lo = jnp.right_shift(jnp.left_shift(q, 4), 4)
+    return dequantize_kernel(hi, scale, name, 8, dtype), dequantize_kernel(lo, scale, name, 8, dtype)
+
+
 def quantize_params(params: dict[str, Any], bits: int, groups: int = 1) -> dict[str, Any]:
     """A float parameter tree (numpy or jax; layers stacked on axis 0) -> the quantized tree."""
     out = {}
