@@ -147,6 +147,16 @@ def main() -> int:
     print(f"\n== held-out loss (pydoc topics never trained on, {trained['tokens']} target tokens) ==")
     print(f"step {step}: loss {trained['loss']:.3f} (perplexity {trained['perplexity']:.1f}, accuracy "
           f"{trained['accuracy']:.1%}); untrained model: loss {untrained['loss']:.3f}")
+    import numpy as np
+
+    from glmjax.model import api, quant
+
+    host = jax.tree.map(np.asarray, jax.device_get(params))
+    for bits in (8, 4):  # GLM-130B's weight-only quantization of the same weights
+        qcfg = cfg.replace(quantization_bits=bits)
+        q = heldout_loss(qcfg, api.shard_params(quant.quantize_params(host, bits), qcfg, mesh), mesh, held, obj)
+        print(f"  int{bits} weights: perplexity {q['perplexity']:.2f} "
+              f"({q['perplexity'] / trained['perplexity'] - 1:+.2%} vs float32)")
     del params
 
     prompts = os.path.join(OUT, "prompts.jsonl")
