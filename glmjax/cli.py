@@ -270,8 +270,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
         try:
             for r in results:
                 if a.input_file:
-                    out.write(json.dumps({"prompt": r.prompt, "text": r.text, "blanks": r.blanks},
-                                         ensure_ascii=False) + "\n")
+                    row = {"prompt": r.prompt, "text": r.text, "blanks": r.blanks}
+                    if r.beams:
+                        row["beams"] = r.beams
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 else:
                     out.write(r.text + "\n")
         finally:
@@ -339,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     ge.add_argument("--tokenizer", help="tokenizer directory or icetk ice_text.model (default: CHECKPOINT/tokenizer)")
     ge.add_argument("--prompt", help="one prompt; without a mask token [gMASK] is appended")
-    ge.add_argument("--input-file", help="JSONL of {\"prompt\": ...}; writes JSONL {prompt, text, blanks}")
+    ge.add_argument("--input-file", help="JSONL of {\"prompt\": ...}; writes JSONL {prompt, text, blanks[, beams]}")
     ge.add_argument("--output", help="file for the results (default stdout)")
     ge.add_argument("--strategy", choices=("greedy", "sample", "beam"))
     ge.add_argument("--max-new-tokens", type=int, default=64)

@@ -41,6 +41,17 @@ def tiny_cases():
     return {c: load_case(c) for c in TINY_CASES}
 
 
+def prepared_corpus(d, lines, pieces, layout="glm-130b"):
+    """d/corpus.txt from `lines`, a tokenizer trained on it in d/tok, token shards in d/data."""
+    from glmjax.data import pipeline
+    from glmjax.data.tokenizer import train_tokenizer
+
+    (d / "corpus.txt").write_text("\n\n".join(lines) + "\n", encoding="utf-8")
+    tok = train_tokenizer([str(d / "corpus.txt")], pieces, str(d / "tok"), layout=layout)
+    pipeline.prepare([str(d / "corpus.txt")], str(d / "tok"), str(d / "data"))
+    return tok
+
+
 def split_like_convert_tp(sd, tp):
     """GLM-130B tools/convert_tp.py (original tp 1 -> target tp), restated with torch."""
     import torch

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_CASES, assert_close_scaled, case_dir, load_case
+from conftest import TINY_CASES, assert_close_scaled, case_dir, load_case, prepared_corpus
 from test_tokenizer import bilingual_lines
 
 from glmjax.convert.sat import read_sat_checkpoint
@@ -144,17 +144,13 @@ def trained(tmp_path_factory):
     """A 2-layer GLM trained by `glmjax train` (60 steps, one device) on 12 bilingual lines repeated
     until it half-recites them, so its continuations depend on the prompt. ChatGLM-6B's id layout
     keeps the vocabulary small (1123 ids, padded to 1152 rows that the generator never emits)."""
-    from glmjax.data import pipeline
-    from glmjax.data.tokenizer import train_tokenizer
     from glmjax.train.loop import load_experiment
 
     d = tmp_path_factory.mktemp("generate")
     lines = bilingual_lines(12, 4)
     corpus = lines * 100
     random.Random(0).shuffle(corpus)
-    (d / "corpus.txt").write_text("\n\n".join(corpus) + "\n", encoding="utf-8")
-    tok = train_tokenizer([str(d / "corpus.txt")], 800, str(d / "tok"), layout="chatglm-6b")
-    pipeline.prepare([str(d / "corpus.txt")], str(d / "tok"), str(d / "data"))
+    tok = prepared_corpus(d, corpus, 800, layout="chatglm-6b")
     (d / "exp.yaml").write_text(f"""
 model:
   num_layers: 2

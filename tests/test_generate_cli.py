@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import prepared_corpus
 from test_tokenizer import bilingual_lines
 
 from glmjax.cli import main
 from glmjax.data import pipeline
-from glmjax.data.tokenizer import train_tokenizer
 
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
 
@@ -20,9 +20,7 @@ ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX
 def run_dir(tmp_path_factory):
     """A 40-step training run: run.json, tokenizer/ and an orbax checkpoint."""
     d = tmp_path_factory.mktemp("gen")
-    (d / "corpus.txt").write_text("\n\n".join(bilingual_lines(400, 5)) + "\n", encoding="utf-8")
-    tok = train_tokenizer([str(d / "corpus.txt")], 600, str(d / "tok"))
-    pipeline.prepare([str(d / "corpus.txt")], str(d / "tok"), str(d / "data"))
+    tok = prepared_corpus(d, bilingual_lines(400, 5), 600)
     (d / "exp.yaml").write_text(f"""
 model: {{num_layers: 2, hidden_size: 64, num_attention_heads: 4, inner_hidden_size: 128,
         vocab_size: {tok.vocab_size}, max_sequence_length: 64}}
@@ -116,3 +114,14 @@ def test_int8_keeps_heldout_perplexity_within_1_percent_and_int4_is_reported(run
     assert ppl["float"] < 0.5 * cfg.vocab_size  # trained: far below a uniform guess
     assert abs(ppl["int8"] / ppl["float"] - 1) < 0.01
     assert ppl["int4"] / ppl["float"] - 1 < 0.25
+
+
+def test_beam_search_returns_every_hypothesis_of_the_last_blank(run_dir, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"prompt": "one [MASK] two [MASK] three"}) + "\n")
+    assert main(["generate", "--checkpoint", str(run_dir), "--input-file", str(inp), "--output", str(out),
+                 "--strategy", "beam", "--num-beams", "3", "--max-new-tokens", "4", "--min-gen-length", "1"]) == 0
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(row["blanks"]) == 2 and len(row["beams"]) == 3
+    assert row["beams"][0] == row["text"]  # the best hypothesis is the answer
+    assert all(b.startswith("one") and b.endswith("three") and "[MASK]" not in b for b in row["beams"])

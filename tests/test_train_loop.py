@@ -8,19 +8,16 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import prepared_corpus
 from test_tokenizer import bilingual_lines
 
 from glmjax.cli import main
-from glmjax.data import pipeline
-from glmjax.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
-    (d / "corpus.txt").write_text("\n\n".join(bilingual_lines(1500, 4)) + "\n", encoding="utf-8")
-    tok = train_tokenizer([str(d / "corpus.txt")], 800, str(d / "tok"))
-    pipeline.prepare([str(d / "corpus.txt")], str(d / "tok"), str(d / "data"))
+    tok = prepared_corpus(d, bilingual_lines(1500, 4), 800)
     (d / "exp.yaml").write_text(f"""
 model:
   num_layers: 2

@@ -5,8 +5,8 @@ mask kind used is [MASK] if the prompt has one, else [sMASK], else [gMASK]; its 
 is filled by generating after `prompt + [sop]` (positions of [sop] and the generated tokens set
 per the layout rules), the generated span up to the first end token replaces the mask, and the
 next mask of that kind is filled from the spliced text, until none is left. Prompts of a batch are
-filled together, one blank per round. With beam search the best hypothesis is spliced (GLM-130B
-continues every beam separately and returns them all).
+filled together, one blank per round. With beam search the next blank continues from the best
+hypothesis, and the other hypotheses of the last blank are returned too (both as GLM-130B).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 from glmjax.config import GLMConfig
 from glmjax.data.tokenizer import GLMTokenizer, load_tokenizer
 from glmjax.errors import InputError
-from glmjax.infer.decode import GenerateConfig, Generator, prepare
+from glmjax.infer.decode import GenerateConfig, Generator, prepare, trim
 from glmjax.model.layouts import SpecialIds
 
 
@@ -70,7 +70,8 @@ def end_tokens(tok: GLMTokenizer) -> tuple[int, ...]:
 
 
 def encode_prompt(tok: GLMTokenizer, text: str) -> list[int]:
-    """Ids of a prompt; [gMASK] appended when it has no mask token. One clear error for bad input."""
+    """Ids of a prompt: [gMASK] appended when it has no mask token, eos when it does not end in one
+    (as GLM-130B's generate.py). One clear error for bad input."""
     if not text.strip():
         raise InputError("empty prompt")
     # "The [MASK] is" -> ids of "The", [MASK], "is": spaces around a blank belong to it, as in the
@@ -86,6 +87,8 @@ def encode_prompt(tok: GLMTokenizer, text: str) -> list[int]:
         raise InputError(f"unknown special token [{unknown[0]}] in the prompt (known: [MASK], [sMASK], [gMASK])")
     if not masks & set(ids):
         ids.append(tok["gMASK"])
+    if ids[-1] not in masks:  # GLM-130B's generate.py: text after the last blank ends with eos
+        ids.append(tok.eos_id)
     return ids
 
 
@@ -98,6 +101,8 @@ class Filled:
     prompt: str
     text: str  # the prompt with every blank filled
     blanks: list[str]  # what went into each blank, in order
+    beams: list[str] = dataclasses.field(default_factory=list)  # beam search: the text with the last
+    # blank filled by each hypothesis, best first (GLM-130B's --print-all-beams)
 
 
 def fill_blanks(gen: Generator, tok: GLMTokenizer, prompts: Sequence[str], gc: GenerateConfig,
@@ -112,6 +117,7 @@ def fill_blanks(gen: Generator, tok: GLMTokenizer, prompts: Sequence[str], gc: G
     seqs = [encode_prompt(tok, p) for p in prompts]
     kinds = [_kind(s, ids) for s in seqs]
     blanks: list[list[str]] = [[] for _ in prompts]
+    beams: list[list[list[int]]] = [[] for _ in prompts]
     while True:
         todo = [i for i, s in enumerate(seqs) if kinds[i] in s]
         if not todo:
@@ -123,15 +129,15 @@ def fill_blanks(gen: Generator, tok: GLMTokenizer, prompts: Sequence[str], gc: G
             stream = _Streamer(tok, todo, on_token, gc.end_tokens)
         out = gen.generate(prep, gc, stream=stream)
         for row, i in enumerate(todo):
-            span = []
-            for x in out["tokens"][row].tolist():
-                if x < 0 or x in gc.end_tokens:
-                    break
-                span.append(int(x))
             at = seqs[i].index(kinds[i])
-            seqs[i] = seqs[i][:at] + span + seqs[i][at + 1:]
+            head, tail = seqs[i][:at], seqs[i][at + 1:]
+            if "beams" in out:  # the next blank continues from the best, as GLM-130B does
+                beams[i] = [head + b + tail for b in trim(out["beams"][row], gc.end_tokens)]
+            span = trim(out["tokens"][row:row + 1], gc.end_tokens)[0]
+            seqs[i] = head + span + tail
             blanks[i].append(tok.decode(span))
-    return [Filled(p, tok.decode(s), b) for p, s, b in zip(prompts, seqs, blanks)]
+    text = lambda seq: tok.decode(seq[:-1] if seq and seq[-1] == tok.eos_id else seq)  # noqa: E731
+    return [Filled(p, text(s), b, [text(x) for x in bs]) for p, s, b, bs in zip(prompts, seqs, blanks, beams)]
 
 
 def _kind(seq: Sequence[int], ids: SpecialIds) -> int:
