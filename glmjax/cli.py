@@ -212,8 +212,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     return train_main(a.config, a.overrides)
 
 
-def _generate_config(a: argparse.Namespace, tok: Any) -> Any:
-    from glmjax.infer.blanks import end_tokens
+def _generate_config(a: argparse.Namespace) -> Any:
+    """The strategy from the flags, checked before any weights load (end tokens: the tokenizer's)."""
     from glmjax.infer.decode import GenerateConfig
 
     sampling = {k: getattr(a, k) for k in ("temperature", "top_k", "top_p") if getattr(a, k) is not None}
@@ -227,7 +227,7 @@ def _generate_config(a: argparse.Namespace, tok: Any) -> Any:
                           f"(got --strategy {strategy})")
     return GenerateConfig(strategy=strategy, max_new_tokens=a.max_new_tokens, **sampling, **beam,
                           no_repeat_ngram=a.no_repeat_ngram, min_gen_length=a.min_gen_length,
-                          deterministic=not a.stochastic_beams, end_tokens=end_tokens(tok), seed=a.seed)
+                          deterministic=not a.stochastic_beams, seed=a.seed)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -254,10 +254,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
                         prompts.append(json.loads(line)["prompt"])
                     except (ValueError, KeyError, TypeError):
                         raise GlmjaxError(f"{a.input_file}:{n}: expected a JSON object with a \"prompt\"") from None
+    gc = _generate_config(a)
     cfg = C.resolve(None, a.config, a.overrides) if a.config else None
     mesh = make_mesh(a.mesh)
     cfg, params, tok = load_model(a.checkpoint, mesh, config=cfg, quantize=a.quantize, tokenizer=a.tokenizer)
-    gc = _generate_config(a, tok)
     gen = Generator(cfg, params, mesh, vocab_limit=tok.vocab_size)
     weights = f"int{cfg.quantization_bits}" if cfg.quantization_bits else cfg.param_dtype
     print(f"model: {cfg.num_params() / 1e6:.1f}M parameters, {weights} weights: {_human(param_bytes(params))} on "
@@ -266,19 +266,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
         results = []
         for start in range(0, len(prompts), a.batch_size):
             results += fill_blanks(gen, tok, prompts[start:start + a.batch_size], gc)
-        out = open(a.output, "w", encoding="utf-8") if a.output else sys.stdout
-        try:
-            for r in results:
-                if a.input_file:
-                    row = {"prompt": r.prompt, "text": r.text, "blanks": r.blanks}
-                    if r.beams:
-                        row["beams"] = r.beams
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                else:
-                    out.write(r.text + "\n")
-        finally:
-            if a.output:
-                out.close()
+        lines = []
+        for r in results:
+            row = {"prompt": r.prompt, "text": r.text, "blanks": r.blanks}
+            if r.beams:
+                row["beams"] = r.beams
+            lines.append(json.dumps(row, ensure_ascii=False) if a.input_file else r.text)
+        if not a.output:
+            print("\n".join(lines))
+            return 0
+        tmp = a.output + ".tmp"  # renamed into place only when complete
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, a.output)
         return 0
     # interactive, as GLM-130B's generate.py: a prompt per line, tokens shown as they come
     interactive = sys.stdin.isatty()

@@ -125,3 +125,10 @@ def test_beam_search_returns_every_hypothesis_of_the_last_blank(run_dir, tmp_pat
     assert len(row["blanks"]) == 2 and len(row["beams"]) == 3
     assert row["beams"][0] == row["text"]  # the best hypothesis is the answer
     assert all(b.startswith("one") and b.endswith("three") and "[MASK]" not in b for b in row["beams"])
+
+
+def test_contradicting_strategy_flags_fail_before_any_weights_load(tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path / "absent"), "--prompt", "x", "--strategy", "greedy",
+                 "--temperature", "0.7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--temperature only applies to --strategy sample" in err, err
