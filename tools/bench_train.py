@@ -42,28 +42,7 @@ from glmjax.parallel.mesh import make_mesh
 from glmjax.train import optim, precision
 from glmjax.train import step as S
 from glmjax.train.loop import model_flops_per_token
-
-# Dense (no sparsity) bf16/fp16 peak TFLOP/s per device, by a lower-case substring of device_kind;
-# the first match wins, so the more specific names come first.
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("h100 pcie", 756.0),
-    ("h200", 989.0),
-    ("h100", 989.0),
-    ("a100", 312.0),
-    ("v5 lite", 197.0),
-    ("v5e", 197.0),
-    ("v5p", 459.0),
-    ("v6 lite", 918.0),
-    ("v6e", 918.0),
-    ("v4", 275.0),
-)
-
-
-def table_peak(device_kind: str) -> float | None:
-    kind = device_kind.lower()
-    if kind.strip() == "tpu v5":  # v5p reports itself as "TPU v5"
-        return 459.0
-    return next((peak for key, peak in PEAK_TFLOPS if key in kind), None)
+from glmjax.train.report import peak_tflops_for
 
 
 def measure_matmul_tflops(devices: Sequence[jax.Device], size: int, reps: int = 3) -> float:
@@ -173,7 +152,7 @@ def run(a: argparse.Namespace, log=print) -> dict[str, Any]:
     peak_source = "flag"
     peak = a.peak_tflops
     if peak is None:
-        peak, peak_source = table_peak(kind), "table (dense bf16)"
+        peak, peak_source = peak_tflops_for(kind), "table (dense bf16)"
     if peak is None and plat == "cpu":
         log(f"measuring the CPU peak: float32 {a.cpu_peak_size}^3 matmuls on {n_dev} device(s) at once ...")
         peak = measure_matmul_tflops(devices, a.cpu_peak_size)

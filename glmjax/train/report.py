@@ -10,17 +10,25 @@ from typing import Any
 
 import numpy as np
 
-# dense bf16/fp16 peak TFLOPS per device (vendor data sheets), keyed by a jax device_kind substring
-PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0), ("V100", 125.0),
-               ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0),
-               ("TPU v5", 459.0), ("TPU v6", 918.0))
+# Dense (no sparsity) bf16/fp16 peak TFLOP/s per device (vendor data sheets), by a lower-case
+# substring of jax's device_kind; the first match wins, so the more specific names come first.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("h100 pcie", 756.0), ("h200", 989.0), ("h100", 989.0), ("a100", 312.0), ("v100", 125.0),
+    ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0), ("v6 lite", 918.0), ("v6e", 918.0), ("v4", 275.0),
+)
+
+
+def peak_tflops_for(device_kind: str) -> float | None:
+    """The peak of a known accelerator kind, None for CPUs and unknown kinds."""
+    kind = device_kind.lower()
+    if kind.strip() == "tpu v5":  # v5p reports itself as "TPU v5"
+        return 459.0
+    return next((peak for key, peak in PEAK_TFLOPS if key in kind), None)
 
 
 def device_peak_tflops(device: Any) -> float | None:
-    """The peak of a known accelerator, None for CPUs and unknown kinds (MFU is then not reported
-    unless train.peak_tflops is given)."""
-    kind = getattr(device, "device_kind", "")
-    return next((v for k, v in PEAK_TFLOPS if k.lower() in kind.lower()), None)
+    """peak_tflops_for(device.device_kind); MFU is not reported for None unless train.peak_tflops is set."""
+    return peak_tflops_for(getattr(device, "device_kind", ""))
 
 
 SCALARS = ("loss", "accuracy", "learning_rate", "grad_norm", "embedding_grad_norm", "loss_scale", "egs_alpha",
