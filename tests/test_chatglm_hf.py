@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_scaled
+from helpers import assert_close_scaled
 
 from glmjax.cli import main
 from glmjax.convert import hf_chatglm, orbax_format

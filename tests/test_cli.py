@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import assert_close_scaled, case_dir
+from helpers import assert_close_scaled, case_dir
 
 from glmjax.cli import main
 

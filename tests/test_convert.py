@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close_scaled, case_dir, split_like_convert_tp, write_sat
+from helpers import assert_close_scaled, case_dir, split_like_convert_tp, write_sat
 
 from glmjax import config as C
 from glmjax.cli import main

@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_CASES, assert_close_scaled, case_dir, load_case, prepared_corpus
-from test_tokenizer import bilingual_lines
+from helpers import TINY_CASES, assert_close_scaled, bilingual_lines, case_dir, load_case, prepared_corpus
 
 from glmjax.convert.sat import read_sat_checkpoint
 from glmjax.errors import InputError

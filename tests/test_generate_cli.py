@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import prepared_corpus
-from test_tokenizer import bilingual_lines
+from helpers import bilingual_lines, prepared_corpus
 
 from glmjax.cli import main
 from glmjax.data import pipeline

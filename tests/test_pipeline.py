@@ -5,7 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from test_tokenizer import bilingual_lines
+from helpers import bilingual_lines
 
 from glmjax.cli import main
 from glmjax.data import pipeline

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close_scaled, case_dir, load_case, split_like_convert_tp, write_sat
+from helpers import assert_close_scaled, case_dir, load_case, split_like_convert_tp, write_sat
 
 from glmjax import config as C
 from glmjax.convert import engine, run

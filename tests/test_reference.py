@@ -4,7 +4,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import LONG_CASE, TINY_CASES, assert_close_scaled, case_dir, load_case
+from helpers import LONG_CASE, TINY_CASES, assert_close_scaled, case_dir, load_case
 
 from glmjax.convert.sat import read_sat_checkpoint
 from glmjax.model.glm import GLM

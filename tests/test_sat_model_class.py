@@ -6,7 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import LONG_CASE, assert_close_scaled, case_dir
+from helpers import LONG_CASE, assert_close_scaled, case_dir
 
 from glmjax import config as C
 from glmjax.convert import run

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import case_dir, split_like_convert_tp, write_sat
+from helpers import case_dir, split_like_convert_tp, write_sat
 
 from glmjax import config as C
 from glmjax.convert.sat import read_sat_checkpoint

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close_scaled, case_dir
+from helpers import assert_close_scaled, case_dir
 from jax.sharding import PartitionSpec as P
 
 from glmjax import config as C

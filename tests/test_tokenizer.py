@@ -1,33 +1,13 @@
 """GLM tokenizers: GLM-130B's and ChatGLM-6B's id layouts, bilingual round trips, the CLI."""
 import io
-import random
 import sys
 
 import pytest
+from helpers import bilingual_lines
 
 from glmjax.cli import main
 from glmjax.data.tokenizer import LAYOUTS, load_tokenizer, model_vocab_size, special_ids_for, train_tokenizer
 from glmjax.errors import InputError
-
-# common characters for a synthetic Chinese corpus (no Chinese text ships with the machine)
-HANZI = ("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可也你能下过子说产种面而方后多定"
-         "行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它"
-         "合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命")
-
-
-def bilingual_lines(n, seed):
-    """English from Python's own documentation (pydoc_data) and synthetic Chinese sentences."""
-    from pydoc_data.topics import topics
-
-    english = [line.strip() for text in topics.values() for line in text.splitlines() if len(line.strip()) > 20]
-    rng = random.Random(seed)
-    lines = []
-    for k in range(n):
-        if k % 2:
-            lines.append(rng.choice(english))
-        else:
-            lines.append("".join(rng.choice(HANZI) for _ in range(rng.randint(8, 30))) + rng.choice("。，！？"))
-    return lines
 
 
 @pytest.fixture(scope="module", params=["glm-130b", "chatglm-6b", "compact"])

@@ -8,8 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import prepared_corpus
-from test_tokenizer import bilingual_lines
+from helpers import bilingual_lines, prepared_corpus
 
 from glmjax.cli import main
 
