@@ -25,15 +25,24 @@ def _human(n: float) -> str:
 def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--preset", choices=sorted(C.PRESETS), help="a built-in configuration")
-    g.add_argument("--config", help="a JSON or YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    g.add_argument("--config", help="a JSON or YAML model config, or an experiment file (all its sections)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides: key=value (model) or section.key=value")
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    cfg = C.resolve(a.preset, a.config, a.overrides)
-    print("configuration:")
-    for k, v in cfg.to_dict().items():
-        print(f"  {k}: {v}")
+    if a.config and C.is_experiment(C.load_file(a.config)):  # an experiment: every section, resolved
+        from glmjax.experiment import load_experiment
+
+        exp = load_experiment(a.config, a.overrides, default_section="model")
+        print("experiment:")
+        print("\n".join("  " + line for line in exp.to_yaml().splitlines()))
+        cfg = exp.model
+    else:
+        cfg = C.resolve(a.preset, a.config, a.overrides)
+        print("configuration:")
+        for k, v in cfg.to_dict().items():
+            print(f"  {k}: {v}")
     print(f"  (head_dim: {cfg.head_dim}, deepnorm_alpha: {cfg.deepnorm_alpha:.6f})")
     counts = cfg.param_counts()
     total = sum(counts.values())
@@ -79,18 +88,18 @@ def cmd_forward(a: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from glmjax.convert.run import detect_format, load_params
+    from glmjax import checkpoint
     from glmjax.model import api
     from glmjax.parallel.mesh import make_mesh
 
     cfg = C.resolve(None, a.config, a.overrides) if a.config else None
-    fmt = detect_format(a.checkpoint) if os.path.isdir(a.checkpoint) else "sat"
+    fmt = checkpoint.detect_format(a.checkpoint)
     arrays = _load_inputs(a.inputs)
     batch = {k: v for k, v in arrays.items() if k in api.INPUT_NAMES}
     ignored = sorted(set(arrays) - set(batch))
     mesh = make_mesh(a.mesh)
     t0 = time.perf_counter()
-    cfg, params = load_params(fmt, a.checkpoint, cfg, mesh)
+    cfg, params = checkpoint.load_params(fmt, a.checkpoint, cfg, mesh, step=a.step)
     if a.dtype:
         cfg = cfg.replace(dtype=a.dtype)
     if cfg.dtype == "float32":  # no TF32 / bf16 passes in matmuls when comparing implementations
@@ -126,14 +135,14 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.verify:
         make_mesh(a.mesh)  # a bad mesh spec fails before any work
     res = run.convert(a.src, a.dst, cfg=cfg, tp=a.tp, quantize=a.quantize, dtype=a.dtype,
-                      overwrite=a.overwrite, safetensors=a.safetensors)
+                      overwrite=a.overwrite, safetensors=a.safetensors, step=a.step)
     gb = res["bytes"] / 1e9
     print(f"wrote {a.dst}: {gb:.3f} GB in {res['seconds']:.1f} s ({gb / max(res['seconds'], 1e-9):.2f} GB/s)")
     if not a.verify:
         return 0
     lossy = bool(a.quantize) or a.dtype is not None
     r = run.verify(run.parse_location(a.src), run.parse_location(a.dst), cfg, make_mesh(a.mesh),
-                   a.verify_tokens)
+                   a.verify_tokens, step=a.step)
     ok = r["kl"] <= a.max_kl if lossy else r["rel_diff"] <= a.tolerance
     print(f"verify ({a.verify_tokens}-token prompt): max |logit diff| {r['max_abs_diff']:.3g} "
           f"({r['rel_diff']:.2e} of max |logit|), KL {r['kl']:.3g}: "
@@ -175,7 +184,7 @@ def cmd_data(a: argparse.Namespace) -> int:
     from glmjax.data import pipeline
 
     if a.action == "prepare":
-        from glmjax.convert.run import atomic_dir
+        from glmjax.checkpoint import atomic_dir
 
         t0 = time.perf_counter()
         with atomic_dir(a.out, a.overwrite) as tmp:
@@ -188,11 +197,13 @@ def cmd_data(a: argparse.Namespace) -> int:
               f"{stats.empty_files} empty files; {stats.long_documents} documents longer than a sequence (split); "
               f"{stats.instructions} instruction samples")
         return 0
-    spec = pipeline.load_data_config(a.config, a.overrides)
-    shards = pipeline.TokenShards(spec["path"])
-    model = spec["model"]
-    loader = pipeline.GLMLoader(shards, spec["objective"], global_batch=1, seed=spec["seed"],
-                                model_vocab=model.vocab_size if model else None)
+    from glmjax.experiment import load_experiment
+
+    if a.num_samples < 1:
+        raise InputError(f"--num-samples must be >= 1, got {a.num_samples}")
+    exp = load_experiment(a.config, a.overrides)
+    loader = pipeline.GLMLoader(pipeline.TokenShards(exp.data.path), exp.objective, global_batch=1,
+                                seed=exp.data.seed, model_vocab=exp.model.vocab_size)
     rows, samples = [], []
     for i in range(a.num_samples):
         seq, smp = loader.sequence(i)
@@ -207,9 +218,15 @@ def cmd_data(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from glmjax.experiment import load_experiment
     from glmjax.train.loop import main as train_main
 
-    return train_main(a.config, a.overrides)
+    exp = load_experiment(a.config, a.overrides)
+    if os.environ.get("GLMJAX_DISTRIBUTED") == "1":  # multi-host: coordinator from the TPU pod / SLURM env
+        import jax
+
+        jax.distributed.initialize()
+    return train_main(exp)
 
 
 def _generate_config(a: argparse.Namespace) -> Any:
@@ -233,7 +250,8 @@ def _generate_config(a: argparse.Namespace) -> Any:
 def cmd_generate(a: argparse.Namespace) -> int:
     import json
 
-    from glmjax.infer.blanks import fill_blanks, load_model
+    from glmjax.checkpoint import load_model
+    from glmjax.infer.blanks import fill_blanks
     from glmjax.infer.decode import Generator
     from glmjax.model.quant import param_bytes
     from glmjax.parallel.mesh import make_mesh
@@ -257,7 +275,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     gc = _generate_config(a)
     cfg = C.resolve(None, a.config, a.overrides) if a.config else None
     mesh = make_mesh(a.mesh)
-    cfg, params, tok = load_model(a.checkpoint, mesh, config=cfg, quantize=a.quantize, tokenizer=a.tokenizer)
+    cfg, params, tok = load_model(a.checkpoint, mesh, config=cfg, quantize=a.quantize, tokenizer=a.tokenizer,
+                                  step=a.step)
     gen = Generator(cfg, params, mesh, vocab_limit=tok.vocab_size)
     weights = f"int{cfg.quantization_bits}" if cfg.quantization_bits else cfg.param_dtype
     print(f"model: {cfg.num_params() / 1e6:.1f}M parameters, {weights} weights: {_human(param_bytes(params))} on "
@@ -300,14 +319,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmjax", description="GLM-130B in JAX: inspect, run, compare.")
     sub = p.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print a resolved configuration, its parameter count and bytes")
+    info = sub.add_parser("info", help="print a resolved configuration or experiment, its parameter count and bytes")
     _config_args(info)
     info.set_defaults(func=cmd_info)
     fw = sub.add_parser("forward", help="run a checkpoint on inputs from an .npz, write logits")
     fw.add_argument("--checkpoint", required=True,
-                    help="checkpoint directory: SAT (with 'latest'), glmjax/orbax or Hugging Face ChatGLM")
+                    help="checkpoint directory: a training run, SAT (with 'latest'), glmjax/orbax or HF ChatGLM")
     fw.add_argument("--config", help="model config (JSON/YAML); required for SAT checkpoints")
-    fw.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    fw.add_argument("overrides", nargs="*", metavar="key=value", help="model config overrides")
     fw.add_argument("--inputs", required=True,
                     help="npz: tokens [b,s], position_ids [b,s] or [b,2,s], and attention_mask "
                          "[b,1,s,s] bool (True = blocked) or prefix_mask/segment_ids [b,s]")
@@ -315,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (-1 fills); default one device")
     fw.add_argument("--dtype", choices=C.FLOAT_DTYPES, default=None, help="compute dtype")
     fw.add_argument("--hidden-states", action="store_true", help="also write hidden_states_layer{i}")
+    fw.add_argument("--step", type=int, help="training run directory: the checkpoint step (default the newest)")
     fw.set_defaults(func=cmd_forward)
-    cv = sub.add_parser("convert", help="convert checkpoints: sat | orbax | hf-chatglm, either way")
+    cv = sub.add_parser("convert", help="convert checkpoints: run (read) | sat | orbax | hf-chatglm")
     cv.add_argument("--from", dest="src", required=True, metavar="FORMAT:PATH")
     cv.add_argument("--to", dest="dst", required=True, metavar="FORMAT:PATH")
     cv.add_argument("--config", help="model config (JSON/YAML); required when reading SAT")
@@ -334,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--max-kl", type=float, default=1e-2,
                     help="--quantize/--dtype conversions: largest mean KL divergence accepted")
     cv.add_argument("--mesh", default=None, help="mesh for --verify (default one device)")
+    cv.add_argument("--step", type=int, help="--from run:DIR: the checkpoint step (default the newest)")
     cv.set_defaults(func=cmd_convert)
     ge = sub.add_parser("generate", help="fill [MASK]/[sMASK]/[gMASK] blanks: --prompt, --input-file, or stdin")
     ge.add_argument("--checkpoint", required=True, help="training run directory, or a glmjax/SAT/HF checkpoint")
@@ -358,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--mesh", default=None, help="e.g. tensor=2 (-1 fills); default one device")
     ge.add_argument("--batch-size", type=int, default=8, help="prompts per compiled batch (--input-file)")
     ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--step", type=int, help="training run directory: the checkpoint step (default the newest)")
     ge.set_defaults(func=cmd_generate)
     tr = sub.add_parser("train", help="train (or resume) a GLM from an experiment file")
     tr.add_argument("config", help="experiment YAML (model:, data:, objective:, optim:, loss_scale:, train:)")
@@ -384,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--overwrite", action="store_true", help="replace an existing output")
     dp.set_defaults(func=cmd_data)
     di = dsub.add_parser("inspect", help="write N training sequences as the trainer sees them")
-    di.add_argument("--config", required=True, help="experiment file with data:, objective: (and model:)")
+    di.add_argument("--config", required=True, help="experiment file (model:, data:, objective:, ...)")
     di.add_argument("overrides", nargs="*", metavar="section.key=value")
     di.add_argument("--num-samples", type=int, default=16)
     di.add_argument("--output", default="inspect.npz", help="npz to write")

@@ -1,4 +1,5 @@
-"""GLM model configuration: one frozen dataclass, named presets, JSON/YAML files and key=value overrides.
+"""GLM model configuration: one frozen dataclass, named presets, JSON/YAML files and key=value
+overrides -- and the typed field parsing every config section uses (glmjax/experiment.py).
 
 Field names follow the GLM-130B / SAT / ChatGLM ecosystem so that a SAT or Hugging Face config
 reads over directly. The config is passed explicitly to every module; there is no global config.
@@ -6,9 +7,12 @@ reads over directly. The config is passed explicitly to every module; there is n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,7 +53,9 @@ class GLMConfig:
     dtype: str = "float32"  # compute dtype of matmuls; norms and softmax always run in float32
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    embedding_grad_shrink: float = 1.0  # alpha of embedding gradient shrink; 1.0 = off
+    # alpha of embedding gradient shrink (1.0 = off; GLM-130B: 0.1): a number, or a piecewise-linear
+    # schedule ((step, alpha), ...) held constant outside its points, as GLM-130B's run changed it
+    embedding_grad_shrink: float | tuple[tuple[int, float], ...] = 1.0
     remat_policy: str = "none"
     init_std: float | None = None  # embedding init std; None: sqrt(1/(3*hidden)) (GLM-130B's 0.0052)
     # DeepNorm residual scale; None: sqrt(2 * num_layers). ChatGLM's modeling code fixes it at sqrt(56)
@@ -77,6 +83,10 @@ class GLMConfig:
     @property
     def embedding_init_std(self) -> float:
         return self.init_std if self.init_std is not None else math.sqrt(1.0 / (3 * self.hidden_size))
+
+    def egs_alpha_at(self, step: int) -> float:
+        """Embedding-gradient-shrink alpha at training step `step` (linear between schedule points)."""
+        return egs_alpha_at(self.embedding_grad_shrink, step)
 
     def param_counts(self) -> dict[str, int]:
         """Parameter count per tensor family, from the shapes alone."""
@@ -133,8 +143,7 @@ def _validate(c: GLMConfig) -> None:
         v = getattr(c, name)
         if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
             _fail(f"config: {name} must be in [0, 1), got {v!r}")
-    if not (isinstance(c.embedding_grad_shrink, (int, float)) and 0.0 <= c.embedding_grad_shrink <= 1.0):
-        _fail(f"config: embedding_grad_shrink must be in [0, 1], got {c.embedding_grad_shrink!r}")
+    egs_alpha_at(c.embedding_grad_shrink, 0)  # validates the number or schedule
     if c.residual_alpha is not None and not c.residual_alpha > 0:
         _fail(f"config: residual_alpha must be > 0, got {c.residual_alpha!r}")
     if c.rotary_base <= 1:
@@ -149,6 +158,24 @@ def _validate(c: GLMConfig) -> None:
     for name in ("position_encoding_2d", "glu", "tie_word_embeddings"):
         if not isinstance(getattr(c, name), bool):
             _fail(f"config: {name} must be true or false, got {getattr(c, name)!r}")
+
+
+def egs_alpha_at(schedule: float | Sequence[Sequence[float]], step: int) -> float:
+    """Alpha of a constant or of a piecewise-linear [[step, alpha], ...] schedule at `step`."""
+    import numpy as np
+
+    what = "embedding_grad_shrink"
+    if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
+        points = [(0, float(schedule))]
+    else:
+        try:
+            points = [(int(s), float(a)) for s, a in schedule]
+        except (TypeError, ValueError):
+            _fail(f"config: {what} must be a number or [[step, alpha], ...], got {schedule!r}")
+    steps = [s for s, _ in points]
+    if not points or steps != sorted(set(steps)) or any(not 0.0 <= a <= 1.0 for _, a in points):
+        _fail(f"config: {what} must be in [0, 1] (a schedule: increasing steps), got {schedule!r}")
+    return float(np.interp(step, steps, [a for _, a in points]))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -188,44 +215,111 @@ def from_dict(d: Mapping[str, Any], *, source: str = "config") -> GLMConfig:
         if mode not in ROTARY_MODES:
             _fail(f"{source}: rotary_mode must be one of {', '.join(ROTARY_MODES)}, got {mode!r}")
         d.setdefault("rotary_dtype", ROTARY_MODES[mode])
-    unknown = sorted(set(d) - set(_FIELDS))
+    return build(GLMConfig, d, source, "config")
+
+
+# --- typed fields: the one parser of every config section ---------------------------------------
+def build(cls: type, values: Mapping[str, Any], source: str, section: str) -> Any:
+    """A frozen config dataclass from a mapping: unknown and missing keys refused, every value
+    coerced to its field's type (numbers in any notation, finite floats only), in one clear line."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        _fail(f"{source}: unknown config key {unknown[0]!r} (known keys: {', '.join(_FIELDS)})")
-    missing = [n for n, f in _FIELDS.items() if f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING and n not in d]
+        _fail(f"{source}: unknown {section} key {unknown[0]!r} (known: {', '.join(fields)})")
+    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and n not in values]
     if missing:
-        _fail(f"{source}: missing required config key {missing[0]!r}")
-    d = {k: _coerce(k, v, source) for k, v in d.items()}
-    return GLMConfig(**d)
+        _fail(f"{source}: missing required {section} key {missing[0]!r}")
+    hints = _hints(cls)
+    prefix = "" if section == "config" else f"{section}."
+    return cls(**{k: coerce(v, hints[k], f"{source}: {prefix}{k}") for k, v in values.items()})
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
-    """Accept ints and numeric text for float fields, integral floats for int fields."""
-    kind = _FIELDS[key].type
-    if kind in ("float", "float | None") and isinstance(value, str):  # YAML 1.1 reads 1e-6 as text
-        try:
-            return float(value)
-        except ValueError:
-            _fail(f"{source}: {key} must be a number, got {value!r}")
-    if kind in ("float", "float | None") and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind == "int" and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if kind == "int" and not isinstance(value, int):
-        _fail(f"{source}: {key} must be an integer, got {value!r}")
-    if kind == "str" and not isinstance(value, str):
-        _fail(f"{source}: {key} must be a string, got {value!r}")
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(value: Any, kind: Any, where: str) -> Any:
+    """`value` as type `kind` (int, float, bool, str, Optional/union, tuple[...]); else one error.
+
+    YAML 1.1 reads `1e-3` as text, so numeric text is accepted for numbers; floats must be finite;
+    an integral float is an int; lists become tuples."""
+    try:
+        return _coerce(value, kind)
+    except (TypeError, ValueError):
+        _fail(f"{where} must be {_describe(kind)}, got {value!r}")
+
+
+def _coerce(value: Any, kind: Any) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _coerce(value, a)
+                except (TypeError, ValueError):
+                    pass
+        raise ValueError(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise ValueError(value)
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if kind is int:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        if isinstance(value, str):
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(value)
+            value = int(value)
+        if not isinstance(value, int):
+            raise TypeError(value)
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(value)
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(value)
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
     return value
 
 
+def _describe(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of ({_describe(args[0])})"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(kind, str(kind))
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """Parse `key=value` strings; values are YAML scalars (ints, floats, booleans, strings)."""
+    """Parse `key=value` strings; values are YAML scalars (ints, floats, booleans, strings, lists)."""
     import yaml
 
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             _fail(f"override {item!r} is not of the form key=value")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
@@ -235,35 +329,52 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 def load_file(path: str) -> dict[str, Any]:
-    """Read a JSON or YAML config file into a dict (one clear error if it is not one)."""
+    """Read a JSON or YAML file holding a mapping (one clear error if it is not one)."""
     import yaml
 
     if not os.path.isfile(path):
         _fail(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        _fail(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})")
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    try:
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        _fail(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
-              f"{str(e).splitlines()[0]}")
+        _fail(f"config file {path} is not valid {kind}: {str(e).splitlines()[0]}")
     if not isinstance(data, dict):
         _fail(f"config file {path} must hold a mapping of keys to values")
-    if isinstance(data.get("model"), dict):  # experiment files keep the model under `model:`
-        data = data["model"]
     return data
+
+
+def is_experiment(data: Mapping[str, Any]) -> bool:
+    """An experiment file keeps the model under `model:` (beside data:, train:, ...)."""
+    return isinstance(data.get("model"), dict)
+
+
+def model_from_section(section: Mapping[str, Any], source: str) -> GLMConfig:
+    """An experiment's `model:` section: `preset: NAME` plus overrides, or every field."""
+    values = dict(section)
+    preset = values.pop("preset", None)
+    if preset is None:
+        return from_dict(values, source=source)
+    if preset not in PRESETS:
+        _fail(f"{source}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    return from_dict({**PRESETS[preset], **values}, source=source)
 
 
 def resolve(preset: str | None = None, path: str | None = None,
             overrides: Sequence[str] | Mapping[str, Any] = ()) -> GLMConfig:
-    """Preset or file, then overrides: the one way every entry point builds a config."""
+    """Preset or file (a model config, or an experiment's `model:` section), then overrides (`key=value`
+    or `model.key=value`): the one way every model-only entry point builds a config."""
     if (preset is None) == (path is None):
         _fail("give exactly one of a preset name or a config file")
-    if preset is not None:
-        if preset not in PRESETS:
-            _fail(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-        base, source = dict(PRESETS[preset]), f"preset {preset}"
-    else:
-        base, source = load_file(path), path
     extra = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    return from_dict({**base, **extra}, source=source)
+    extra = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in extra.items()}
+    if preset is not None:
+        return model_from_section({"preset": preset, **extra}, f"preset {preset}")
+    data = load_file(path)
+    section = data["model"] if is_experiment(data) else data
+    return model_from_section({**section, **extra}, path)

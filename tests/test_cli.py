@@ -49,6 +49,21 @@ def test_forward_cli_on_a_mesh_writes_reference_logits(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["in.npz", "out.npz"]  # no temporary left behind
 
 
+def test_forward_cli_runs_3_rows_on_a_mesh_of_data_parallelism_4(tmp_path, capsys):
+    """Rows are padded to data*fsdp inside; the output holds the 3 real rows, SAT's numbers."""
+    pick = [0, 1, 1]
+    with np.load(REF) as z:
+        np.savez(tmp_path / "in.npz", **{k: z[k][pick] for k in ("tokens", "position_ids", "attention_mask")})
+        want, want_h = z["logits"][pick], z["hidden_states_layer0"][pick]
+    out = tmp_path / "out.npz"
+    assert main(["forward", "--checkpoint", CKPT, "--config", CONFIG, "--inputs", str(tmp_path / "in.npz"),
+                 "--output", str(out), "--mesh", "data=2,fsdp=2,tensor=2", "--hidden-states"]) == 0
+    assert "logits [3, 24, 1024]" in capsys.readouterr().out
+    with np.load(out) as z:
+        assert_close_scaled(z["logits"], want)
+        assert_close_scaled(z["hidden_states_layer0"], want_h, what="hidden_states_layer0")
+
+
 def _inputs(tmp_path, **change):
     with np.load(REF) as z:
         arrays = {k: z[k] for k in ("tokens", "position_ids", "attention_mask")}
@@ -75,8 +90,7 @@ def _bad_tokens():
     ({"position_ids": np.full((2, 24), 64)}, "position_ids must lie in [0, 64)"),
     ({"mesh": "data=3"}, "needs 3 devices, but"),
     ({"mesh": "fsdp=2,tensor=4"}, "dimension 2 (size 170) is not divisible by mesh axis 'tensor'"),
-    ({"mesh": "data=8"}, "batch size 2 is not divisible by the data parallelism data*fsdp=8"),
-    ({"checkpoint": "missing"}, "SAT checkpoint directory not found"),
+    ({"checkpoint": "missing"}, "checkpoint not found"),
     ({"inputs": "missing"}, "inputs file not found"),
     ({"inputs": "garbage"}, "not a valid .npz"),
     ({"config": "unknown-key"}, "unknown config key 'bogus'"),

@@ -2,7 +2,8 @@
 
 * The KV-cache path reproduces SAT's forced incremental decode (the reference fixture) and, for
   [MASK] / [sMASK] / [gMASK] rows of different lengths in one left-padded batch and for ChatGLM's
-  2-D positions, a full non-cached forward over the whole sequence.
+  2-D positions, a full non-cached forward over the whole sequence; `Generator.score` gives the
+  log-likelihood of continuations that such a forward gives, one compiled program per bucket.
 * Greedy and beam search equal a restatement of GLM-130B's generation/strategies.py written here
   as a plain loop that runs the whole model over every whole sequence at every step (no cache),
   on a small model trained with `glmjax train`.
@@ -28,7 +29,6 @@ from glmjax.infer.decode import NEG, GenerateConfig, Generator, filter_top_k_top
 from glmjax.model.api import init_params
 from glmjax.model.glm import GLM
 from glmjax.model.layouts import SpecialIds, batch_layout
-from glmjax.parallel import rules
 from glmjax.parallel.mesh import make_mesh
 
 FIXTURE_IDS = SpecialIds(mask=-1, gmask=1000, smask=-2, sop=1001)  # the fixture's prompts use [gMASK] only
@@ -37,29 +37,16 @@ TRAIN_STEPS = 60
 MESHES = ("data=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4")
 
 
-def batch_shardings(mesh, arrays):
-    return {k: rules.named(mesh, "batch", *((None,) * (np.ndim(v) - 1))) for k, v in arrays.items()}
-
-
-def cached_step_logits(gen: Generator, arrays: dict, forced: np.ndarray) -> np.ndarray:
-    """Generator._prefill, then Generator._step feeding forced [b, T] one token at a time, jitted as
-    one chain: the logits after the prompt and after each forced token, [b, T + 1, V]."""
-    b, p = arrays["tokens"].shape
-    steps = forced.shape[1]
-
-    def chain(params, a, forced):
-        logits, cache, valid = gen._prefill(params, a, p + steps, 1)
-        out = [logits]
-        for t in range(steps):
-            logits, cache, valid = gen._step(params, forced[:, t], t, p, a["gen_pos_base"], a["gen_pos_step"],
-                                             cache, valid)
-            out.append(logits)
-        return jnp.stack(out, 1)
-
-    with jax.set_mesh(gen.mesh):
-        f = jax.jit(chain, in_shardings=(gen.p_shard, batch_shardings(gen.mesh, arrays),
-                                         rules.named(gen.mesh, "batch", None)))
-        return np.asarray(f(gen.params, arrays, np.asarray(forced, np.int32)))
+def cached_step_logits(gen: Generator, prep, forced: np.ndarray) -> np.ndarray:
+    """Generator.prefill, then Generator.step feeding forced [rows, T] one token at a time: the
+    logits after the prompt and after each forced token, [rows, T + 1, V]."""
+    d = gen.prefill(prep, forced.shape[1])
+    out = [np.asarray(d.logits)[:prep.rows]]
+    for t in range(forced.shape[1]):
+        d = gen.step(d, forced[:, t])
+        out.append(np.asarray(d.logits)[:prep.rows])
+    assert d.room == 0
+    return np.stack(out, 1)
 
 
 def full_forward(cfg, params, rows, ids, seq_len=None, position_ids=None):
@@ -69,11 +56,6 @@ def full_forward(cfg, params, rows, ids, seq_len=None, position_ids=None):
     logits, _ = jax.jit(lambda p, a, pos: GLM(cfg).apply({"params": p}, a["tokens"], pos, prefix_mask=a["prefix_mask"],
                                                            segment_ids=a["segment_ids"]))(params, lay, pos)
     return np.asarray(logits), lay
-
-
-def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    """Repeat row 0 up to `rows` (prepare's padding rows are copies of prompt 0)."""
-    return np.concatenate([x, np.repeat(x[:1], rows - len(x), 0)]) if rows > len(x) else x
 
 
 # --- 1. SAT's forced decode -----------------------------------------------------------------------
@@ -91,8 +73,7 @@ def test_prefill_and_cached_steps_reproduce_sats_incremental_decode(case, tp, sp
     steps = want.shape[1]
     prep = prepare([list(r) for r in ctx], FIXTURE_IDS, cfg, steps, batch_multiple=gen.batch_multiple)
     assert prep.arrays["tokens"].shape == ((4 if spec else 2), 16)
-    forced = pad_rows(ref["decode_sequence"][:, ctx.shape[1]:ctx.shape[1] + steps - 1], prep.arrays["tokens"].shape[0])
-    got = cached_step_logits(gen, prep.arrays, forced)[:len(ctx)]
+    got = cached_step_logits(gen, prep, ref["decode_sequence"][:, ctx.shape[1]:ctx.shape[1] + steps - 1])
     assert_close_scaled(got, want, what="decode_step_logits")
 
 
@@ -108,20 +89,15 @@ def layout_prompts(rng, ids):
 @pytest.mark.parametrize("two_d, spec", [(False, None), (False, "data=2,fsdp=2,tensor=2"), (True, None)],
                          ids=["1d", "1d-mesh", "chatglm-2d"])
 def test_cached_steps_equal_a_full_forward_for_mask_smask_gmask_rows_of_different_lengths(two_d, spec):
-    cfg, _ = load_case(TINY_CASES[1])
+    cfg, params = layout_model(two_d)
     mesh = make_mesh(spec)
-    if two_d:  # ChatGLM-style: 2-D positions, plain MLP; random weights
-        cfg = cfg.replace(position_encoding_2d=True, glu=False, init_std=0.2)
-        params = jax.device_get(init_params(cfg, jax.random.key(7), make_mesh(None)))
-    else:
-        params = read_sat_checkpoint(os.path.join(case_dir(TINY_CASES[1]), "ckpt_tp1"), cfg)
     rng = np.random.default_rng(0)
     prompts = layout_prompts(rng, LAYOUT_IDS)
     steps = 5
     forced = rng.integers(0, 1000, (len(prompts), steps))
     gen = Generator(cfg, params, mesh)
     prep = prepare(prompts, LAYOUT_IDS, cfg, steps + 1, batch_multiple=gen.batch_multiple)
-    got = cached_step_logits(gen, prep.arrays, pad_rows(forced, prep.arrays["tokens"].shape[0]))[:len(prompts)]
+    got = cached_step_logits(gen, prep, forced)
 
     full_rows = [p + forced[i].tolist() for i, p in enumerate(prompts)]
     logits, lay = full_forward(cfg, params, full_rows, LAYOUT_IDS)
@@ -137,13 +113,97 @@ def test_cached_steps_equal_a_full_forward_for_mask_smask_gmask_rows_of_differen
     assert np.abs(moved[0, gen_part] - logits[0, gen_part]).max() > 1e-3 * np.abs(logits).max()
 
 
+# --- 2b. scoring continuations through the cache ---------------------------------------------------
+def layout_model(two_d):
+    """The fp32-rotary fixture checkpoint, or (two_d) ChatGLM-style 2-D positions with random weights."""
+    cfg, _ = load_case(TINY_CASES[1])
+    if two_d:
+        cfg = cfg.replace(position_encoding_2d=True, glu=False, init_std=0.2)
+        return cfg, jax.device_get(init_params(cfg, jax.random.key(7), make_mesh(None)))
+    return cfg, read_sat_checkpoint(os.path.join(case_dir(TINY_CASES[1]), "ckpt_tp1"), cfg)
+
+
+def full_forward_logprobs(cfg, params, prompts, continuations, ids):
+    """log p(c_j | prompt, c_<j) from one non-cached forward over each whole prompt + continuation
+    (layout builders, right padding), log-softmax in float64: [rows, T], 0 past each end."""
+    logits, _ = full_forward(cfg, params, [p + list(c) for p, c in zip(prompts, continuations)], ids)
+    logits = logits.astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    out = np.zeros((len(prompts), max(len(c) for c in continuations)))
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+        for j, tok in enumerate(c):
+            out[i, j] = logp[i, len(p) - 1 + j, tok]  # the logits at [sop] predict c_0
+    return out
+
+
+@pytest.mark.parametrize("two_d, spec", [(False, None), (False, "data=2,fsdp=2,tensor=2"), (True, None)],
+                         ids=["1d", "1d-mesh", "chatglm-2d"])
+def test_score_equals_full_forward_log_likelihood_batched_and_one_at_a_time(two_d, spec):
+    """[MASK], [sMASK] and [gMASK] prompts of different lengths with continuations of 5, 1, 9 and 3
+    tokens in one batch; on the mesh the batch (and each single prompt) is padded to 4 rows."""
+    cfg, params = layout_model(two_d)
+    rng = np.random.default_rng(3)
+    prompts = layout_prompts(rng, LAYOUT_IDS)
+    conts = [rng.integers(0, 1000, n).tolist() for n in (5, 1, 9, 3)]
+    gen = Generator(cfg, params, make_mesh(spec))
+    got = gen.score(prepare(prompts, LAYOUT_IDS, cfg, 9), conts)
+    want = full_forward_logprobs(cfg, params, prompts, conts, LAYOUT_IDS)
+    assert got.token_logprobs.shape == (4, 9) and got.token_logprobs.dtype == np.float32
+    np.testing.assert_array_equal(got.lengths, [5, 1, 9, 3])
+    assert_close_scaled(got.token_logprobs, want, what="score token log-probs")
+    assert_close_scaled(got.logprobs, want.sum(1), what="score sums")
+    assert np.all(got.token_logprobs[1, 1:] == 0) and np.all(want < 0, where=want != 0)
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+        one = gen.score(prepare([p], LAYOUT_IDS, cfg, len(c)), [c])
+        assert one.token_logprobs.shape == (1, len(c))
+        assert_close_scaled(one.token_logprobs[0], got.token_logprobs[i, :len(c)], what=f"prompt {i} alone")
+
+
+def test_score_compiles_one_program_per_batch_prompt_and_continuation_bucket():
+    cfg, params = layout_model(False)
+    rng = np.random.default_rng(4)
+    gen = Generator(cfg, params, make_mesh(None))
+    r = lambda n: rng.integers(0, 1000, n).tolist()  # noqa: E731
+    first = gen.score(prepare(layout_prompts(rng, LAYOUT_IDS), LAYOUT_IDS, cfg, 16), [r(9), r(12), r(16), r(3)])
+    assert gen.programs == {"score": 1}
+    other = [r(7) + [LAYOUT_IDS.gmask, LAYOUT_IDS.sop], r(2) + [LAYOUT_IDS.mask, LAYOUT_IDS.sop],
+             r(12) + [LAYOUT_IDS.smask, LAYOUT_IDS.sop]]  # 3 rows: batch bucket 4; prompt bucket 16
+    again = gen.score(prepare(other, LAYOUT_IDS, cfg, 16), [r(10), r(11), r(15)])
+    assert gen.programs == {"score": 1}  # other lengths, the same buckets: no new program
+    assert first.token_logprobs.shape == (4, 16) and again.token_logprobs.shape == (3, 15)
+    gen.score(prepare(other, LAYOUT_IDS, cfg, 16), [r(1), r(8), r(4)])  # continuation bucket 8
+    assert gen.programs == {"score": 2}
+    with pytest.raises(InputError, match="exceeds the model's context"):
+        gen.score(prepare(other, LAYOUT_IDS, cfg, 16), [r(1), r(8), r(cfg.max_sequence_length)])
+    with pytest.raises(InputError, match="2 continuations for 3 prompts"):
+        gen.score(prepare(other, LAYOUT_IDS, cfg, 16), [r(1), r(8)])
+
+
+def test_step_checks_its_tokens_and_the_room_prefill_made():
+    cfg, params = layout_model(False)
+    gen = Generator(cfg, params, make_mesh(None))
+    prompts = layout_prompts(np.random.default_rng(5), LAYOUT_IDS)[:3]  # batch bucket 4: one padding row
+    d = gen.prefill(prepare(prompts, LAYOUT_IDS, cfg, 2), 2)
+    assert d.rows == 3 and d.logits.shape == (4, cfg.vocab_size) and d.room == 2
+    d = gen.step(gen.step(d, [5, 6, 7]), [8, 9, 10, 0])  # the padding row's token may be given or left out
+    assert d.room == 0 and d.fed == 2
+    with pytest.raises(InputError, match="the cache is full"):
+        gen.step(d, [1, 2, 3])
+    with pytest.raises(InputError, match="one token per row"):
+        gen.step(gen.prefill(prepare(prompts, LAYOUT_IDS, cfg, 2), 2), [1, 2])
+    with pytest.raises(InputError, match="unknown token id 5000"):
+        gen.step(gen.prefill(prepare(prompts, LAYOUT_IDS, cfg, 2), 2), [1, 2, 5000])
+    assert gen.programs == {"prefill": 1, "step": 1}
+
+
 # --- a small trained model ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-layer GLM trained by `glmjax train` (60 steps, one device) on 12 bilingual lines repeated
     until it half-recites them, so its continuations depend on the prompt. ChatGLM-6B's id layout
     keeps the vocabulary small (1123 ids, padded to 1152 rows that the generator never emits)."""
-    from glmjax.train.loop import load_experiment
+    from glmjax.experiment import load_experiment
 
     d = tmp_path_factory.mktemp("generate")
     lines = bilingual_lines(12, 4)
@@ -188,7 +248,7 @@ train:
 
     with ocp.StandardCheckpointer() as c:
         params = jax.tree.map(np.asarray, c.restore(str(d / "ckpt" / str(TRAIN_STEPS) / "state"))["params"])
-    cfg = load_experiment(str(d / "exp.yaml"))["model"]
+    cfg = load_experiment(str(d / "exp.yaml")).model
     ids = SpecialIds(mask=tok["MASK"], gmask=tok["gMASK"], smask=tok["sMASK"], sop=tok["sop"], pad=tok.pad_id)
     g, m, sop = tok["gMASK"], tok["MASK"], tok["sop"]
     prompts = [tok.encode(lines[1][:30]) + [g, sop],  # three lengths, [gMASK] and [MASK] rows
@@ -557,10 +617,9 @@ def test_prompts_of_one_bucket_reuse_one_program_and_too_long_prompts_fail(train
             assert prep.arrays["tokens"].shape == (2, 16)
             out = gen.generate(prep, gc)
             assert out["tokens"].shape == (2, 4)
-    assert len(gen._compiled) == 1  # two length pairs in bucket 16 and two seeds: one program
-    assert next(iter(gen._compiled.values()))._cache_size() == 1
+    assert gen.programs == {"generate": 1}  # two length pairs in bucket 16 and two seeds: one program
     gen.generate(prepare([words[:20] + [g, sop]], ids, cfg, 4), gc)  # 22 tokens: bucket 32, a second program
-    assert len(gen._compiled) == 2
+    assert gen.programs == {"generate": 2}
 
     too_long = words[:cfg.max_sequence_length - 4] + [g, sop]
     with pytest.raises(InputError, match="exceeds the model's context"):
@@ -571,5 +630,7 @@ def test_prompts_of_one_bucket_reuse_one_program_and_too_long_prompts_fail(train
         prepare([words[:3] + [g, sop, 5]], ids, cfg, 4)
     with pytest.raises(InputError, match="no_repeat_ngram=3"):  # context tails too short for 3-gram bans
         gen.generate(prepare(short, ids, cfg, 4), dataclasses.replace(gc, no_repeat_ngram=3))
-    with pytest.raises(InputError, match="multiple"):
-        Generator(cfg, trained["params"], make_mesh("data=2,tensor=4")).generate(prepare(short[:1], ids, cfg, 4), gc)
+    # a batch of one on a mesh with data parallelism 2: padded to 2 rows, the same tokens back
+    on_mesh = Generator(cfg, trained["params"], make_mesh("data=2,tensor=4"), vocab_limit=tok.vocab_size)
+    one = prepare(short[:1], ids, cfg, 4)
+    np.testing.assert_array_equal(on_mesh.generate(one, gc)["tokens"], gen.generate(one, gc)["tokens"])

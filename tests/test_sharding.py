@@ -1,4 +1,5 @@
-"""Meshes, the rules table, and sharded = unsharded on an 8-device CPU mesh (forward and gradients)."""
+"""Meshes, the rules table, and sharded = unsharded on an 8-device CPU mesh (forward and gradients);
+batches of any size on any mesh (padded to data*fsdp, the real rows returned)."""
 import os
 
 import flax.linen as nn
@@ -6,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close_scaled, case_dir
+from helpers import assert_close_scaled, bilingual_lines, case_dir, prepared_corpus
 from jax.sharding import PartitionSpec as P
 
 from glmjax import config as C
@@ -64,13 +65,49 @@ def test_dimension_not_dividing_its_axis_names_parameter_dim_and_axis():
         api.param_shardings(cfg, make_mesh("fsdp=2,tensor=4"))
 
 
-def test_batch_not_divisible_by_data_parallelism_is_one_clear_error():
-    cfg = C.resolve("glm-test")
-    mesh = make_mesh("data=8")
-    fwd = api.make_forward(cfg, mesh)
-    params = api.init_params(cfg, jax.random.key(0), mesh)
-    with pytest.raises(MeshError, match="batch size 2 is not divisible by the data parallelism"):
-        fwd(params, {"tokens": np.zeros((2, 4), np.int32), "position_ids": np.zeros((2, 4), np.int32)})
+@pytest.mark.parametrize("spec", ["data=2,fsdp=2,tensor=2", "data=8"])
+def test_forward_pads_any_batch_to_the_mesh_and_returns_only_the_real_rows(tiny_cases, spec):
+    """3 rows of the fixture batch on data parallelism 4 or 8: SAT's logits, every layer's hidden
+    states and keys/values for exactly those rows; also with a dense mask of batch 1."""
+    cfg, ref = tiny_cases["glm130b_tiny_fp16rope"]
+    mesh = make_mesh(spec)
+    params = api.shard_params(read_sat_checkpoint(os.path.join(case_dir("glm130b_tiny_fp16rope"), "ckpt_tp2"),
+                                                  cfg), cfg, mesh)
+    pick = [1, 0, 1]
+    batch = {k: ref[k][pick] for k in ("tokens", "position_ids", "attention_mask")}
+    fwd = api.make_forward(cfg, mesh, collect_hidden=True, collect_kv=True)
+    logits, per_layer = fwd(params, batch)
+    assert logits.shape == (3, 24, cfg.vocab_size)
+    assert_close_scaled(np.asarray(logits), ref["logits"][pick])
+    for i in range(cfg.num_layers):
+        assert_close_scaled(np.asarray(per_layer["hidden_states"][i]), ref[f"hidden_states_layer{i}"][pick],
+                            what=f"hidden_states_layer{i}")
+    k, v = (np.asarray(x) for x in per_layer["kv"])  # [layers, 3, s, heads, head_dim]
+    mem = np.stack([k, v], axis=3).reshape((cfg.num_layers, 3) + ref["mem_kv"].shape[2:])
+    assert_close_scaled(mem, ref["mem_kv"][:, pick], what="mem_kv")
+    dec = ref["decode_sequence"][pick]  # one [1, 1, s, s] mask for every row
+    dec_logits, _ = fwd(params, {"tokens": dec, "position_ids": np.broadcast_to(np.arange(dec.shape[1]), dec.shape),
+                                 "attention_mask": ref["decode_attention_mask"]})
+    assert_close_scaled(np.asarray(dec_logits), ref["decode_full_forward_logits"][pick],
+                        what="decode_full_forward_logits")
+
+
+def test_heldout_loss_with_a_batch_not_dividing_the_mesh_equals_one_device(tmp_path):
+    """batch_size 3 on data*fsdp = 4: the padding rows add no tokens, loss or accuracy."""
+    from glmjax.data.objective import ObjectiveConfig
+    from glmjax.infer.evaluate import heldout_loss
+
+    tok = prepared_corpus(tmp_path, bilingual_lines(120, 8), 600)
+    cfg = C.resolve("glm-test").replace(vocab_size=-(-tok.vocab_size // 64) * 64, max_sequence_length=64)
+    params = jax.device_get(api.init_params(cfg, jax.random.key(1), make_mesh(None)))
+    obj = ObjectiveConfig(seq_length=64, window=32)
+    data = str(tmp_path / "data")
+    want = heldout_loss(cfg, params, make_mesh(None), data, obj, batches=2, batch_size=3, seed=5)
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    got = heldout_loss(cfg, api.shard_params(params, cfg, mesh), mesh, data, obj, batches=2, batch_size=3, seed=5)
+    assert got["tokens"] == want["tokens"] > 0
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got["accuracy"], want["accuracy"], rtol=1e-6)
 
 
 def _loss(model, params, batch):

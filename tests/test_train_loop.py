@@ -1,5 +1,6 @@
 """`glmjax train` as a real process: exact resume after kill -9, a kill during an asynchronous save,
-and bad experiment files."""
+one compilation of the step per process, and bad experiment files. Faults are injected through the
+trainer's hooks by tests/helpers/train_with_faults.py."""
 import json
 import os
 import signal
@@ -49,13 +50,20 @@ train:
     return d
 
 
-def run(exp_dir, ckpt, *extra, kill_after=None):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    if kill_after:
-        env["GLMJAX_TEST_SIGKILL_AFTER_STEP"] = str(kill_after)
-    return subprocess.run([sys.executable, "-m", "glmjax", "train", str(exp_dir / "exp.yaml"),
-                           f"train.checkpoint_dir={ckpt}", *extra], env=env, capture_output=True, text=True,
-                          timeout=600)
+FAULTS = os.path.join(os.path.dirname(__file__), "helpers", "train_with_faults.py")
+
+
+def run(exp_dir, ckpt, *extra, faults=()):
+    """The trainer in its own process (JAX logs each XLA compilation, so the test can count them)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               JAX_LOG_COMPILES="1")
+    return subprocess.run([sys.executable, FAULTS, *faults, str(exp_dir / "exp.yaml"), f"train.checkpoint_dir={ckpt}",
+                           *extra], env=env, capture_output=True, text=True, timeout=600)
+
+
+def step_compilations(proc):
+    """How many times this process compiled the training step's two programs."""
+    return {name: proc.stderr.count(f"Compiling jit({name})") for name in ("accumulate", "update")}
 
 
 def metrics(ckpt):
@@ -70,7 +78,7 @@ def metrics(ckpt):
 def final_params(ckpt, step):
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as c:
+    with ocp.PyTreeCheckpointer() as c:
         return c.restore(os.path.join(ckpt, str(step), "state"))["params"]
 
 
@@ -79,6 +87,7 @@ def straight(experiment):
     """6 steps without interruption on data=2,fsdp=2,tensor=2 (checkpoints at 3 and 6)."""
     r = run(experiment, experiment / "a")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert step_compilations(r) == {"accumulate": 1, "update": 1}
     return experiment / "a"
 
 
@@ -88,11 +97,14 @@ def test_kill_9_then_resume_is_exact_and_a_kill_during_save_keeps_the_previous_c
     ref = metrics(straight)
     assert sorted(ref) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(m["loss"]) for m in ref.values())
     assert ref[1]["batch_size"] == 8 and ref[6]["batch_size"] == 16  # the ramp, one compiled step
+    # saves are asynchronous: the step after each save ran while its files were being written
+    assert ref[4]["checkpoint_in_flight"] and not ref[1]["checkpoint_in_flight"]
 
-    killed = run(d, d / "b", kill_after=4)  # checkpoint 3 is committed, step 4 dies with SIGKILL
+    killed = run(d, d / "b", faults=("--kill-after-step", "4"))  # checkpoint 3 committed, step 4 dies
     assert killed.returncode == -signal.SIGKILL
     resumed = run(d, d / "b")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "step 3" in resumed.stdout
+    assert step_compilations(resumed) == {"accumulate": 1, "update": 1}  # restored state fits the program
     got = metrics(d / "b")
     for step in range(1, 7):
         assert got[step]["loss"] == ref[step]["loss"], step  # bitwise on CPU
@@ -100,9 +112,10 @@ def test_kill_9_then_resume_is_exact_and_a_kill_during_save_keeps_the_previous_c
 
     jax.tree.map(np.testing.assert_array_equal, final_params(d / "b", 6), final_params(d / "a", 6))
 
-    mid_save = run(d, d / "c", kill_after=6)  # killed while checkpoint 6 is being written
-    assert mid_save.returncode == -signal.SIGKILL
-    assert "6" not in [n for n in os.listdir(d / "c") if n.isdigit()] or not os.path.exists(d / "c" / "6" / "state")
+    mid_save = run(d, d / "c", faults=("--kill-during-save", "6"))  # killed while step 6 is being written
+    assert mid_save.returncode == -signal.SIGKILL and "killing during the save of step 6: in flight True" in \
+        mid_save.stdout
+    assert not os.path.isdir(d / "c" / "6")  # never committed
     again = run(d, d / "c")
     assert again.returncode == 0 and "step 3" in again.stdout
     assert metrics(d / "c")[6]["loss"] == ref[6]["loss"]
@@ -149,20 +162,23 @@ def test_metrics_go_to_jsonl_and_tensorboard_event_files(tmp_path):
         assert data.count(tag + b"\x15") == 3, tag  # Summary.Value: tag, then simple_value (field 2)
 
 
-def test_egs_alpha_is_a_constant_or_a_piecewise_linear_schedule():
+def test_egs_alpha_is_a_constant_or_a_piecewise_linear_schedule_of_the_model():
+    from glmjax import config as C
     from glmjax.errors import ConfigError
-    from glmjax.train.loop import RunConfig, egs_alpha_at
 
-    assert egs_alpha_at(0.1, 12345) == pytest.approx(0.1)
-    sched = ((0, 0.1), (100, 1.0))
-    assert [egs_alpha_at(sched, s) for s in (0, 50, 100, 500)] == pytest.approx([0.1, 0.55, 1.0, 1.0])
-    for bad in (((10, 0.1), (5, 1.0)), ((0, 1.5),), "fast"):
-        with pytest.raises(ConfigError, match="egs_alpha"):
-            RunConfig(egs_alpha=bad)
+    assert C.resolve("glm-130b").egs_alpha_at(12345) == pytest.approx(0.1)
+    cfg = C.resolve("glm-test", overrides=["embedding_grad_shrink=[[0, 0.1], [100, 1.0]]"])
+    assert [cfg.egs_alpha_at(s) for s in (0, 50, 100, 500)] == pytest.approx([0.1, 0.55, 1.0, 1.0])
+    for bad in ("[[10, 0.1], [5, 1.0]]", "[[0, 1.5]]", "fast"):
+        with pytest.raises(ConfigError, match="embedding_grad_shrink"):
+            C.resolve("glm-test", overrides=[f"embedding_grad_shrink={bad}"])
 
 
 @pytest.mark.parametrize("override, msg", [
     ("train.stepz=3", "unknown train key 'stepz'"),
+    ("data.sead=3", "unknown data key 'sead'"),
+    ("train.egs_alpha=0.1", "unknown train key 'egs_alpha'"),
+    ("train.steps=2.5", "train.steps must be an integer"),
     ("train.mesh=data=3", "needs 3 devices"),
     ("train.micro_batch=6", "must be multiples of train.micro_batch=6"),
     ("optim.lr=-1", "need 0 < min_lr <= lr"),
@@ -173,22 +189,6 @@ def test_bad_experiments_fail_at_start_with_one_line(experiment, capsys, overrid
                  f"train.checkpoint_dir={experiment / 'bad'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("glmjax: error: ") and len(err.splitlines()) == 1 and msg in err, err
-
-
-def test_every_experiment_file_loads():
-    from glmjax.train.loop import load_experiment
-
-    root = os.path.join(os.path.dirname(__file__), "..", "experiments")
-    names = sorted(n for n in os.listdir(root) if n.endswith(".yaml"))
-    assert len(names) >= 4
-    for name in names:
-        exp = load_experiment(os.path.join(root, name))
-        assert exp["optim"].global_batch % exp["train"].micro_batch == 0
-    glm = load_experiment(os.path.join(root, "glm-130b-pretrain-a100.yaml"))
-    assert glm["model"].num_params() == 128_697_794_560
-    assert (glm["optim"].lr, glm["optim"].min_lr, glm["optim"].rampup_batch_size) == (8e-5, 8e-6, (192, 24, 5493164))
-    assert (glm["loss_scale"].initial, glm["loss_scale"].window, glm["loss_scale"].hysteresis) == (65536, 2000, 2)
-    assert glm["objective"].gpt_prob == 0.7 and glm["train"].egs_alpha == 0.1
 
 
 def test_mfu_accounting_reproduces_glm130bs_reported_32_5_percent():
@@ -214,12 +214,8 @@ def test_spike_guard_arms_after_its_window():
 @pytest.mark.slow
 def test_spike_rolls_back_to_the_last_checkpoint_and_skips_its_data(experiment):
     d = experiment
-    env_extra = ["train.steps=8", "train.spike_window=2", "train.spike_threshold=3.0"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               GLMJAX_TEST_SPIKE_AT_STEP="5")
-    r = subprocess.run([sys.executable, "-m", "glmjax", "train", str(d / "exp.yaml"),
-                        f"train.checkpoint_dir={d / 'spike'}", *env_extra], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = run(d, d / "spike", "train.steps=8", "train.spike_window=2", "train.spike_threshold=3.0",
+            faults=("--spike-at-step", "5"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rolled back to step 3" in r.stdout
     lines = [json.loads(x) for x in open(d / "spike" / "metrics.jsonl")]

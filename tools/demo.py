@@ -1,7 +1,8 @@
 """`make demo`: the whole chain on a CPU-simulated 8-device mesh, in a few minutes on 2 cores.
 
 1. corpus: the English text of Python's own documentation (pydoc_data, ships with Python), split
-   into train and held-out topics; a 4000-piece GLM-130B-layout tokenizer trained on it by glmjax;
+   into train and held-out topics; a 2000-piece tokenizer trained on it by glmjax, in the `compact`
+   id layout (GLM-130B's special tokens without icetk's 20000 image ids);
 2. `glmjax train`: a ~3.7M-parameter GLM with the GLM objective on mesh data=2,fsdp=2,tensor=2,
    interrupted by SIGTERM half way (it checkpoints and exits), then started again (it resumes);
 3. held-out loss of the final checkpoint (and of the untrained model, for scale);
@@ -132,14 +133,15 @@ def main() -> int:
 
     import jax
 
+    from glmjax.checkpoint import RunDir, load_params
     from glmjax.data.objective import ObjectiveConfig
     from glmjax.infer.evaluate import heldout_loss
     from glmjax.model.api import init_params
     from glmjax.parallel.mesh import make_mesh
-    from glmjax.train.loop import restore_run_params
 
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
-    cfg, params, step = restore_run_params(ckpt, mesh)
+    step = RunDir(ckpt).step()
+    cfg, params = load_params("run", ckpt, None, mesh, step=step)
     obj = ObjectiveConfig(seq_length=cfg.max_sequence_length, window=32)
     held = os.path.join(OUT, "data", "heldout")
     trained = heldout_loss(cfg, params, mesh, held, obj)

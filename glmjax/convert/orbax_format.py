@@ -62,11 +62,19 @@ def _leaves(cfg: GLMConfig) -> dict[Path, tuple[int, ...]]:
 
 
 def _param_name(path: Path) -> str:
-    return ".".join(path)  # orbax's non-OCDBT directory name of a leaf
+    return ".".join(path)  # orbax's non-OCDBT directory name of a leaf (orbax 0.12, pinned in setup.cfg)
 
 
 def _kvstore(params_dir: str, path: Path) -> dict[str, str]:
     return {"driver": "file", "path": os.path.join(params_dir, _param_name(path))}
+
+
+# How glmjax saves any PyTree with orbax (converted parameters and training state alike): one zarr
+# array per leaf, no OCDBT, so a reader can open one leaf -- one layer of it -- without the rest.
+def pytree_handler():
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
 
 
 def _chunks(shape: tuple[int, ...], itemsize: int, stacked: bool, align: tuple[int, int] | None = None
@@ -100,8 +108,7 @@ def _orbax_skeleton(params_dir: str, shapes: dict[Path, tuple[int, ...]],
         for k in path[:-1]:
             node = node.setdefault(k, {})
         node[path[-1]] = jnp.zeros((1,) * len(shape), dtypes[path])
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-    with ocp.Checkpointer(handler) as ckptr:
+    with ocp.Checkpointer(pytree_handler()) as ckptr:
         ckptr.save(params_dir, args=ocp.args.PyTreeSave(tree))
     meta_path = os.path.join(params_dir, "_METADATA")
     with open(meta_path) as f:
@@ -172,8 +179,7 @@ def save_params(out_dir: str, cfg: GLMConfig, params: Any,
     """Save device-resident (sharded) parameters with orbax: each host writes its own shards."""
     import orbax.checkpoint as ocp
 
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-    with ocp.Checkpointer(handler) as ckptr:
+    with ocp.Checkpointer(pytree_handler()) as ckptr:
         ckptr.save(os.path.join(out_dir, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
     meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), **(extra_meta or {})}
     with open(os.path.join(out_dir, META_FILE), "w") as f:
@@ -182,23 +188,28 @@ def save_params(out_dir: str, cfg: GLMConfig, params: Any,
 
 def orbax_source(path: str) -> tuple[GLMConfig, Source]:
     """Random access to a glmjax checkpoint on the host, one tensor (one layer) at a time."""
+    cfg = read_config(path)
+    return cfg, tree_source(os.path.join(path, PARAMS_DIR), cfg, (), path)
+
+
+def tree_source(tree_dir: str, cfg: GLMConfig, prefix: Path, where: str) -> Source:
+    """Host reads of the parameters (under key path `prefix`) of an orbax PyTree saved by glmjax:
+    each leaf's zarr array is opened with tensorstore and read one layer, or one slice, at a time."""
     import tensorstore as ts
 
-    cfg = read_config(path)
     shapes = _leaves(cfg)
-    params_dir = os.path.join(path, PARAMS_DIR)
     stores: dict[Path, Any] = {}
 
     def store(p: Path):
         if p not in stores:
-            spec = {"driver": "zarr", "kvstore": _kvstore(params_dir, p)}
+            spec = {"driver": "zarr", "kvstore": _kvstore(tree_dir, prefix + p)}
             try:
                 stores[p] = ts.open(spec, open=True).result()
             except Exception as e:
-                raise CheckpointError(f"{path}: parameter {'/'.join(p)} is missing or unreadable "
+                raise CheckpointError(f"{where}: parameter {'/'.join(p)} is missing or unreadable "
                                       f"({str(e).splitlines()[0]})") from None
             if tuple(stores[p].shape) != shapes[p]:
-                raise CheckpointError(f"{path}: parameter {'/'.join(p)} has shape {tuple(stores[p].shape)}, "
+                raise CheckpointError(f"{where}: parameter {'/'.join(p)} has shape {tuple(stores[p].shape)}, "
                                       f"the config implies {shapes[p]}")
         return stores[p]
 
@@ -213,24 +224,32 @@ def orbax_source(path: str) -> tuple[GLMConfig, Source]:
     def dtype(p: Path) -> np.dtype:
         return np.dtype(store(p).dtype.numpy_dtype)
 
-    return cfg, Source(get=get, dtype=dtype, read_slice=read_slice)
+    return Source(get=get, dtype=dtype, read_slice=read_slice)
+
+
+def restore_tree(tree_dir: str, mesh: jax.sharding.Mesh, cfg: GLMConfig, prefix: str | None = None,
+                 where: str | None = None) -> Any:
+    """Parameters (the subtree `prefix` of a larger tree, e.g. a training state's "params") restored
+    onto `mesh` in the config's dtypes: each device reads its own shard (orbax with target shardings)."""
+    import orbax.checkpoint as ocp
+
+    from glmjax.model.api import abstract_params, param_shardings
+
+    shardings = param_shardings(cfg, mesh)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(abstract_params(cfg)), shardings)
+    item = {prefix: target} if prefix else target
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=bool(prefix))
+    try:
+        with ocp.Checkpointer(pytree_handler()) as ckptr:
+            restored = ckptr.restore(tree_dir, args=args)
+    except Exception as e:
+        raise CheckpointError(f"cannot restore {where or tree_dir}: {str(e).splitlines()[0]}") from None
+    return restored[prefix] if prefix else restored
 
 
 def restore_params(path: str, mesh: jax.sharding.Mesh, cfg: GLMConfig | None = None) -> tuple[GLMConfig, Any]:
-    """Restore onto `mesh`: each device reads its own shard (orbax with the target shardings)."""
-    import orbax.checkpoint as ocp
-
-    from glmjax.model.api import param_shardings
-
-    saved = read_config(path)
-    cfg = cfg or saved
-    shardings = param_shardings(cfg, mesh)
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
-    try:
-        with ocp.Checkpointer(handler) as ckptr:
-            params = ckptr.restore(os.path.join(path, PARAMS_DIR),
-                                   args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    except Exception as e:
-        raise CheckpointError(f"cannot restore {path}: {str(e).splitlines()[0]}") from None
-    return cfg, params
+    """Restore a glmjax checkpoint onto `mesh` (in `cfg`'s dtypes; default its own config)."""
+    cfg = cfg or read_config(path)
+    return cfg, restore_tree(os.path.join(path, PARAMS_DIR), mesh, cfg, where=path)

@@ -306,44 +306,6 @@ class GLMLoader:
         self.next_sequence = int(state["next_sequence"])
 
 
-def load_data_config(path: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """An experiment file's `data:` and `objective:` sections (+ `model:` for 2-D positions and the
-    vocabulary), with dotted key=value overrides such as objective.gpt_prob=0.5 or data.seed=3."""
-    from glmjax import config as C
-
-    raw = C.load_file(path) if path else {}
-    full = raw if ("data" in raw or "objective" in raw) else {}
-    if path:  # load_file returns the model section when present: read the whole file again
-        import yaml
-
-        with open(path, encoding="utf-8") as f:
-            full = yaml.safe_load(f) if not path.endswith(".json") else json.load(f)
-    sections = {"data": dict(full.get("data") or {}), "objective": dict(full.get("objective") or {}),
-                "model": dict(full.get("model") or {})}
-    for key, value in C.parse_overrides(overrides).items():
-        section, _, name = key.partition(".")
-        if section not in sections or not name:
-            raise InputError(f"override {key!r} must be data.NAME, objective.NAME or model.NAME")
-        sections[section][name] = value
-    data = sections["data"]
-    unknown = set(data) - {"path", "seed", "global_batch"}
-    if unknown:
-        raise InputError(f"unknown data key {sorted(unknown)[0]!r} (known: path, seed, global_batch)")
-    if "path" not in data:
-        raise InputError("the config needs data.path: a directory written by `glmjax data prepare`")
-    known = {f.name for f in dataclasses.fields(ObjectiveConfig)}
-    bad = set(sections["objective"]) - known
-    if bad:
-        raise InputError(f"unknown objective key {sorted(bad)[0]!r} (known: {', '.join(sorted(known))})")
-    model = C.from_dict(sections["model"]) if sections["model"] else None
-    obj = dict(sections["objective"])
-    if model is not None:
-        obj.setdefault("position_encoding_2d", model.position_encoding_2d)
-        obj.setdefault("seq_length", model.max_sequence_length)
-    return {"path": data["path"], "seed": int(data.get("seed", 0)), "global_batch": int(data.get("global_batch", 8)),
-            "objective": ObjectiveConfig(**obj), "model": model}
-
-
 def objective_statistics(samples: Sequence[Sample], sequences: int) -> dict[str, float]:
     """What the objective actually did: shares of sequence kinds, masked ratio, span lengths."""
     kinds: dict[str, int] = {}

@@ -1,4 +1,4 @@
-"""Text in, text out: load a model and its tokenizer for generation, and GLM-130B's blank filling.
+"""Text in, text out: GLM-130B's blank filling over the KV-cache generator.
 
 fill_blanks (GLM-130B generate.py): a prompt without a mask token gets [gMASK] at its end. The
 mask kind used is [MASK] if the prompt has one, else [sMASK], else [gMASK]; its first occurrence
@@ -11,53 +11,15 @@ hypothesis, and the other hypotheses of the last blank are returned too (both as
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
-from glmjax.config import GLMConfig
-from glmjax.data.tokenizer import GLMTokenizer, load_tokenizer
+from glmjax.data.tokenizer import GLMTokenizer
 from glmjax.errors import InputError
 from glmjax.infer.decode import GenerateConfig, Generator, prepare, trim
 from glmjax.model.layouts import SpecialIds
-
-
-def load_model(checkpoint: str, mesh: Any, *, config: GLMConfig | None = None, quantize: str | None = None,
-               tokenizer: str | None = None) -> tuple[GLMConfig, Any, GLMTokenizer]:
-    """A training run directory (run.json + orbax steps), or a converted checkpoint (glmjax/orbax,
-    SAT with `config`, Hugging Face ChatGLM), and its tokenizer (`tokenizer`, else the one stored
-    beside the checkpoint)."""
-    from glmjax.convert import run as convert_run
-    from glmjax.train.loop import RUN_INFO, restore_run_params
-
-    if not os.path.isdir(checkpoint):
-        raise InputError(f"checkpoint not found: {checkpoint}")
-    if os.path.isfile(os.path.join(checkpoint, RUN_INFO)):
-        cfg, params, _ = restore_run_params(checkpoint, mesh)
-        if quantize:
-            import jax
-
-            from glmjax.model import api, quant
-
-            bits = convert_run.QUANTIZE_BITS[quantize]
-            host = jax.tree.map(np.asarray, jax.device_get(params))
-            del params
-            cfg = cfg.replace(quantization_bits=bits, quantization_groups=1)
-            params = api.shard_params(quant.quantize_params(host, bits), cfg, mesh)
-    else:
-        fmt = convert_run.detect_format(checkpoint)
-        cfg, params = convert_run.load_params(fmt, checkpoint, config, mesh, quantize=quantize)
-    tok_path = tokenizer or os.path.join(checkpoint, "tokenizer")
-    if not os.path.exists(tok_path):
-        raise InputError(f"checkpoint {checkpoint} has no tokenizer (no {tok_path}); pass --tokenizer DIR "
-                         f"(a glmjax tokenizer directory or icetk's ice_text.model)")
-    tok = load_tokenizer(tok_path)
-    if tok.vocab_size > cfg.vocab_size:
-        raise InputError(f"the tokenizer has {tok.vocab_size} ids, the model only {cfg.vocab_size}")
-    return cfg, params, tok
 
 
 def special_ids(tok: GLMTokenizer) -> SpecialIds:

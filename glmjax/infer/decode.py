@@ -6,6 +6,10 @@ attention heads. Prefill attends bidirectionally over each prompt's context and 
 (GLM-130B's layout); every later step feeds one token per row at slot P + t. Greedy, sampling and
 beam search all run inside one `lax.while_loop` per call and stop early once every row is done.
 
+For evaluation and research the same cache is public: `Generator.prefill` runs a prompt into it,
+`Generator.step` feeds one forced token per row, and `Generator.score` gives the log-likelihood of
+given continuations, teacher-forced through the cache in one compiled program per bucket.
+
 Strategy semantics follow GLM-130B's generation/strategies.py:
   * logits in float32; invalid ids and, before min_gen_length, the end tokens set to -65504;
   * sampling: temperature, then top-k, then top-p keeping the first token above the threshold,
@@ -37,13 +41,15 @@ from jax.sharding import Mesh
 
 from glmjax.config import GLMConfig
 from glmjax.errors import InputError
-from glmjax.model.api import param_shardings
+from glmjax.model.api import data_parallelism, pad_rows, param_shardings
 from glmjax.model.glm import GLM
 from glmjax.model.layouts import SpecialIds, batch_layout
 from glmjax.parallel import rules
 
 NEG = -65504.0  # GLM-130B's fill for banned logits (the float16 minimum)
 STRATEGIES = ("greedy", "sample", "beam")
+CONTINUATION_BUCKET = 8  # score(): continuations are padded to a power of two from 8 tokens
+_PREFILL_INPUTS = ("tokens", "position_ids", "prefix_mask", "segment_ids", "gen_pos_base", "gen_pos_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,9 +188,41 @@ def filter_top_k_top_p(logits: jax.Array, top_k: int, top_p: float) -> jax.Array
     return logits
 
 
+# --- public decoding state ---------------------------------------------------------------------------
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["logits", "cache", "valid", "positions"],
+                   meta_fields=["prompt_len", "fed", "rows"])
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """A cached decode in progress (`Generator.prefill`, `Generator.step`); device arrays over all
+    n rows of the compiled batch, the real ones first (`logits[:rows]`)."""
+
+    logits: jax.Array  # [n, V] float32: next-token logits after the last token fed
+    cache: tuple[jax.Array, jax.Array]  # keys, values [layers, n, slots, heads, head_dim]
+    valid: jax.Array  # [n, slots] bool: the slots that hold a token of the row
+    positions: tuple[jax.Array, jax.Array]  # (base, step): fed token t has position base + step * (t + 1)
+    prompt_len: int  # P, the prompt bucket: fed token t sits in slot P + t
+    fed: int  # tokens fed after the prompt so far
+    rows: int  # real rows
+
+    @property
+    def room(self) -> int:
+        """How many more tokens `step` can feed before the cache is full."""
+        return self.valid.shape[1] - self.prompt_len - self.fed
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """`Generator.score`: float32 log-likelihoods of continuations, real rows only (numpy)."""
+
+    token_logprobs: np.ndarray  # [rows, T]: log p(c_j | prompt, c_<j); 0 past each continuation's end
+    logprobs: np.ndarray  # [rows]: their sums, the continuation's log-likelihood
+    lengths: np.ndarray  # [rows]: tokens per continuation
+
+
 # --- the generator ----------------------------------------------------------------------------------
 class Generator:
-    """Compiled generation for one model on one mesh; programs cached per (batch, prompt) bucket."""
+    """Compiled generation, forced decoding and scoring for one model on one mesh; programs cached
+    per (batch, prompt) bucket. Any prepared batch runs: rows are padded to data * fsdp here."""
 
     def __init__(self, cfg: GLMConfig, params: Any, mesh: Mesh, vocab_limit: int | None = None):
         self.cfg, self.params, self.mesh = cfg, params, mesh
@@ -196,21 +234,40 @@ class Generator:
 
     @property
     def batch_multiple(self) -> int:
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        """Rows of a compiled batch are a multiple of this (the mesh's data * fsdp)."""
+        return data_parallelism(self.mesh)
 
-    # one forward over new tokens written at `index` of the cache
+    @property
+    def programs(self) -> dict[str, int]:
+        """Compiled XLA programs so far per entry point ('generate', 'prefill', 'step', 'score')."""
+        out: dict[str, int] = {}
+        for key, fn in self._compiled.items():
+            out[key[0]] = out.get(key[0], 0) + fn._cache_size()
+        return out
+
+    # one forward over new tokens written at `index` of the cache: logits at every new token
     def _forward(self, params, tokens, positions, blocked, cache, index):
         with nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
             logits, per_layer = self.model.apply({"params": params}, tokens, positions, attention_mask=blocked,
                                                  cache=cache, cache_index=index)
-        return logits[:, -1], per_layer["kv"]
+        return logits, per_layer["kv"]
+
+    def _cache_sharding(self):
+        return rules.named(self.mesh, "layers", "batch", "length", "heads", "kv")
+
+    def _batch_sharding(self, arrays: dict) -> dict:
+        return {k: rules.named(self.mesh, "batch", *((None,) * (np.ndim(v) - 1))) for k, v in arrays.items()}
+
+    def _padded(self, prepared: Prepared) -> dict[str, np.ndarray]:
+        """The prepared arrays with rows padded (copies of row 0) to the mesh's data parallelism."""
+        return pad_rows(prepared.arrays, self.batch_multiple)[0]
 
     def _prefill(self, params, a, cache_len: int, copies: int):
         cfg = self.cfg
         b, p = a["tokens"].shape
         dt = jnp.dtype(cfg.dtype)
         shape = (cfg.num_layers, b, cache_len, cfg.num_attention_heads, cfg.head_dim)
-        cache_shard = rules.named(self.mesh, "layers", "batch", "length", "heads", "kv")
+        cache_shard = self._cache_sharding()
         zeros = jax.lax.with_sharding_constraint(jnp.zeros(shape, dt), cache_shard)
         pad = cache_len - p
         valid = jnp.pad(a["segment_ids"] != 0, ((0, 0), (0, pad)))
@@ -218,19 +275,29 @@ class Generator:
         kj, qi = jnp.arange(cache_len), jnp.arange(p)
         visible = valid[:, None, :] & ((kj[None, None, :] <= qi[None, :, None]) | prefix[:, None, :])
         logits, cache = self._forward(params, a["tokens"], a["position_ids"], ~visible[:, None], (zeros, zeros), 0)
+        logits = logits[:, -1]
         if copies > 1:  # beams: every beam starts from its row's prompt
             cache = jax.tree.map(lambda c: jnp.repeat(c, copies, axis=1), cache)
             valid, logits = jnp.repeat(valid, copies, 0), jnp.repeat(logits, copies, 0)
         cache = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, cache_shard), cache)
         return logits, cache, valid
 
+    def _extend(self, params, tokens, t, p, base, step, cache, valid):
+        """Feed tokens [n, q] as generated tokens t .. t+q-1 at slots p+t ..., each seeing the valid
+        slots up to its own; logits after each token [n, q, V]."""
+        n, q = tokens.shape
+        idx = p + t
+        valid = jax.lax.dynamic_update_slice_in_dim(valid, jnp.ones((n, q), bool), idx, 1)
+        upto = jnp.arange(valid.shape[1])[None, :] <= idx + jnp.arange(q)[:, None]  # [q, slots]
+        visible = valid[:, None, :] & upto[None]
+        pos = base[..., None] + step[..., None] * (t + 1 + jnp.arange(q))  # [n, q] or [n, 2, q]
+        logits, cache = self._forward(params, tokens, pos, ~visible[:, None], cache, idx)
+        return logits, cache, valid
+
     def _step(self, params, tok, t, p, base, step, cache, valid):
         """Feed tok [n] as generated token t at slot p + t; next logits [n, V]."""
-        idx = p + t
-        valid = jax.lax.dynamic_update_slice_in_dim(valid, jnp.ones((valid.shape[0], 1), bool), idx, 1)
-        pos = (base + step * (t + 1))[..., None]
-        logits, cache = self._forward(params, tok[:, None], pos, ~valid[:, None, None, :], cache, idx)
-        return logits, cache, valid
+        logits, cache, valid = self._extend(params, tok[:, None], t, p, base, step, cache, valid)
+        return logits[:, 0], cache, valid
 
     def _emit(self, tokens) -> None:
         if self._sink is not None:
@@ -359,21 +426,18 @@ class Generator:
         """Run the compiled loop; returns numpy 'tokens' [rows, max_new] (-1 after the end) and, for
         beam search, every hypothesis with its penalised score. stream(tokens [b]) is called from
         inside the loop with each step's tokens (greedy and sampling)."""
-        a = prepared.arrays
+        a = self._padded(prepared)
         b, p = a["tokens"].shape
-        if b % self.batch_multiple:
-            raise InputError(f"batch {b} is not a multiple of the mesh's data parallelism {self.batch_multiple}")
         if a["context_tail"].shape[1] < gc.no_repeat_ngram - 1:
             raise InputError(f"no_repeat_ngram={gc.no_repeat_ngram} needs the batch prepared with "
                              f"prepare(..., no_repeat_ngram={gc.no_repeat_ngram})")
         # the seed is an argument of the program, not a constant in it: a new seed reuses the program
-        key = (b, p, dataclasses.replace(gc, seed=0), stream is not None)
+        key = ("generate", b, p, dataclasses.replace(gc, seed=0), stream is not None)
         if key not in self._compiled:
             loop = functools.partial(self._beam_loop if gc.strategy == "beam" else self._sample_loop,
                                      stream=stream is not None)
-            batch_shard = {k: rules.named(self.mesh, "batch", *((None,) * (np.ndim(v) - 1))) for k, v in a.items()}
             self._compiled[key] = jax.jit(lambda params, arrays, kd: loop(params, arrays, gc, key_data=kd),
-                                          in_shardings=(self.p_shard, batch_shard, None))
+                                          in_shardings=(self.p_shard, self._batch_sharding(a), None))
         self._sink = stream
         try:
             with jax.set_mesh(self.mesh):
@@ -384,6 +448,99 @@ class Generator:
         out = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
         rows = prepared.rows
         return {k: (v[:rows] if np.ndim(v) else v) for k, v in out.items()}
+
+    # --- scoring and forced decoding --------------------------------------------------------------
+    def prefill(self, prepared: Prepared, steps: int) -> Decoding:
+        """Run the prompts (ending in [sop]) into a KV cache with room for `steps` forced tokens;
+        the Decoding holds the logits at [sop]. One program per (batch, prompt bucket, steps)."""
+        if steps < 0:
+            raise InputError(f"steps must be >= 0, got {steps}")
+        a = {k: v for k, v in self._padded(prepared).items() if k in _PREFILL_INPUTS}
+        b, p = a["tokens"].shape
+        key = ("prefill", b, p, steps)
+        if key not in self._compiled:
+            def run(params, arrays):
+                logits, cache, valid = self._prefill(params, arrays, p + steps, 1)
+                return logits, cache, valid, (arrays["gen_pos_base"], arrays["gen_pos_step"])
+
+            self._compiled[key] = jax.jit(run, in_shardings=(self.p_shard, self._batch_sharding(a)))
+        with jax.set_mesh(self.mesh):
+            logits, cache, valid, positions = self._compiled[key](self.params, a)
+        return Decoding(logits, cache, valid, positions, prompt_len=p, fed=0, rows=prepared.rows)
+
+    def step(self, decoding: Decoding, tokens: Sequence[int] | np.ndarray) -> Decoding:
+        """Feed one forced token per row (real rows first; missing padding rows get 0) into a copy
+        of the cache; the new Decoding holds the logits after it. One program per (batch, slots)."""
+        n, slots = decoding.valid.shape
+        tok = np.asarray(tokens, np.int32).reshape(-1)
+        if not decoding.rows <= len(tok) <= n:
+            raise InputError(f"step needs one token per row ({decoding.rows} to {n}), got {len(tok)}")
+        _check_ids(tok, self.cfg.vocab_size)
+        if decoding.room < 1:
+            raise InputError(f"the cache is full: prefill made room for {decoding.fed} tokens")
+        tok = np.concatenate([tok, np.zeros(n - len(tok), np.int32)])
+        key = ("step", n, slots)
+        if key not in self._compiled:
+            batch, cache = rules.named(self.mesh, "batch"), self._cache_sharding()
+            pos_shard = jax.tree.map(lambda x: rules.named(self.mesh, "batch", *((None,) * (x.ndim - 1))),
+                                     decoding.positions)
+            self._compiled[key] = jax.jit(
+                lambda params, tok, t, p, pos, kv, valid: self._step(params, tok, t, p, *pos, kv, valid),
+                in_shardings=(self.p_shard, batch, None, None, pos_shard, (cache, cache),
+                              rules.named(self.mesh, "batch", None)))
+        with jax.set_mesh(self.mesh):
+            logits, cache, valid = self._compiled[key](self.params, tok, np.int32(decoding.fed),
+                                                       np.int32(decoding.prompt_len), decoding.positions,
+                                                       decoding.cache, decoding.valid)
+        return dataclasses.replace(decoding, logits=logits, cache=cache, valid=valid, fed=decoding.fed + 1)
+
+    def score(self, prepared: Prepared, continuations: Sequence[Sequence[int]]) -> Scores:
+        """Log-likelihood of continuation i after prompt i (which ends in [sop]): log-softmax in
+        float32 over the whole vocabulary of each token given the prompt and the tokens before it,
+        teacher-forced through the KV cache (prepare the prompts with max_new_tokens = the longest
+        continuation). Continuations are padded to a power of two (from CONTINUATION_BUCKET) and
+        masked; one program per (batch, prompt, continuation) bucket. No ids are banned here."""
+        if len(continuations) != prepared.rows:
+            raise InputError(f"{len(continuations)} continuations for {prepared.rows} prompts")
+        lengths = np.array([len(c) for c in continuations], np.int32)
+        too_long = prepared.context_lengths + lengths > self.cfg.max_sequence_length
+        if too_long.any():
+            i = int(np.argmax(too_long))
+            raise InputError(f"prompt {i} ({prepared.context_lengths[i]} tokens) plus its continuation "
+                             f"({lengths[i]}) exceeds the model's context of {self.cfg.max_sequence_length}")
+        a = {k: v for k, v in self._padded(prepared).items() if k in _PREFILL_INPUTS}
+        b, p = a["tokens"].shape
+        tb = bucket(int(lengths.max()), CONTINUATION_BUCKET)
+        cont = np.zeros((b, tb), np.int32)
+        for i, c in enumerate(continuations):
+            cont[i, :len(c)] = c
+        _check_ids(cont, self.cfg.vocab_size)
+        a.update(continuations=cont, continuation_lengths=np.pad(lengths, (0, b - len(lengths))))
+        key = ("score", b, p, tb)
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(self._score, in_shardings=(self.p_shard, self._batch_sharding(a)))
+        with jax.set_mesh(self.mesh):
+            token_lp, sums = jax.device_get(self._compiled[key](self.params, a))
+        t, rows = int(lengths.max()), prepared.rows
+        return Scores(np.asarray(token_lp)[:rows, :t], np.asarray(sums)[:rows], lengths)
+
+    def _score(self, params, a):
+        """Per-token log-probs [n, Tb] (0 past each length) and their sums [n]."""
+        cont, lengths = a["continuations"], a["continuation_lengths"]
+        p, tb = a["tokens"].shape[1], cont.shape[1]
+        first, cache, valid = self._prefill(params, a, p + tb, 1)
+        after, _, _ = self._extend(params, cont, 0, p, a["gen_pos_base"], a["gen_pos_step"], cache, valid)
+        predict = jnp.concatenate([first[:, None], after[:, :-1]], 1)  # the logits before each token
+        logp = jax.nn.log_softmax(predict.astype(jnp.float32), -1)
+        token_lp = jnp.take_along_axis(logp, cont[..., None], -1)[..., 0]
+        token_lp = jnp.where(jnp.arange(tb)[None] < lengths[:, None], token_lp, 0.0)
+        return token_lp, token_lp.sum(-1)
+
+
+def _check_ids(tokens: np.ndarray, vocab_size: int) -> None:
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if bad.any():
+        raise InputError(f"unknown token id {int(tokens[bad][0])}: the vocabulary has {vocab_size} ids")
 
 
 def trim(tokens: np.ndarray, end_tokens: Sequence[int]) -> list[list[int]]:

@@ -14,14 +14,16 @@ from jax.sharding import Mesh
 from glmjax.config import GLMConfig
 from glmjax.data import pipeline
 from glmjax.data.objective import ObjectiveConfig
-from glmjax.model.api import param_shardings
+from glmjax.model.api import data_parallelism, pad_rows, param_shardings
 from glmjax.model.glm import GLM
 from glmjax.parallel import rules
 
 
 def heldout_loss(cfg: GLMConfig, params: Any, mesh: Mesh, data_dir: str, objective: ObjectiveConfig,
                  batches: int = 8, batch_size: int = 16, seed: int = 0) -> dict[str, float]:
-    """{'loss', 'perplexity', 'accuracy', 'tokens'} over `batches` x `batch_size` held-out sequences."""
+    """{'loss', 'perplexity', 'accuracy', 'tokens'} over `batches` x `batch_size` held-out sequences.
+
+    batch_size need not divide the mesh: rows are padded to data*fsdp with a zero loss mask."""
     model = GLM(cfg)
     loader = pipeline.GLMLoader(pipeline.TokenShards(data_dir), objective, global_batch=batch_size, seed=seed,
                                 model_vocab=cfg.vocab_size)
@@ -39,7 +41,7 @@ def heldout_loss(cfg: GLMConfig, params: Any, mesh: Mesh, data_dir: str, objecti
     total = np.zeros(3)
     with jax.set_mesh(mesh):
         for _ in range(batches):
-            b = loader.next_batch()
+            b, _ = pad_rows(loader.next_batch(), data_parallelism(mesh), zero=("loss_mask",))
             arrays = {k: jax.device_put(v, rules.named(mesh, "batch", *((None,) * (v.ndim - 1))))
                       for k, v in b.items()}
             total += np.array([float(x) for x in fn(params, arrays)])

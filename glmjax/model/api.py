@@ -1,10 +1,12 @@
 """Functional entry points over the GLM module: abstract shapes, sharded init, placing parameters on
 a mesh, and a jitted forward with explicit in/out shardings. Parameters are a plain pytree
-(the module's `params` collection, without the outer {'params': ...})."""
+(the module's `params` collection, without the outer {'params': ...}).
+
+Any batch runs on any mesh: `pad_rows` fills a batch up to a multiple of the data parallelism
+(data * fsdp) and every batch entry point drops the padding rows from what it returns."""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -14,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from glmjax.config import GLMConfig
-from glmjax.errors import CheckpointError, InputError, MeshError
+from glmjax.errors import CheckpointError, InputError
 from glmjax.model.glm import GLM
 from glmjax.parallel import rules
 
@@ -84,6 +86,32 @@ def batch_shardings(batch: Batch, mesh: Mesh) -> dict[str, NamedSharding]:
     return out
 
 
+def data_parallelism(mesh: Mesh) -> int:
+    """How many ways the batch dimension is split on `mesh`: data * fsdp."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def pad_rows(batch: Mapping[str, Any], multiple: int, zero: Collection[str] = ()) -> tuple[dict[str, Any], int]:
+    """(batch with its rows padded up to a multiple of `multiple`, the number of real rows).
+
+    Padding rows are copies of row 0: a real row keeps every layout (dense mask, prefix/segments,
+    positions) finite and harmless. Arrays named in `zero` are padded with zeros instead, e.g. a
+    loss mask, so padding rows count for nothing. Every array's leading dimension is the batch.
+    """
+    out = dict(batch)
+    rows = {int(np.shape(v)[0]) for v in out.values()}
+    if len(rows) != 1:
+        raise InputError(f"batch arrays disagree on the number of rows: {sorted(rows)}")
+    b = rows.pop()
+    extra = -b % multiple
+    if extra:
+        for k, v in out.items():
+            xp = jnp if isinstance(v, jax.Array) else np
+            fill = xp.zeros_like(v[:1]) if k in zero else v[:1]
+            out[k] = xp.concatenate([v, xp.repeat(fill, extra, axis=0)], axis=0)
+    return out, b
+
+
 def validate_batch(cfg: GLMConfig, batch: Batch) -> None:
     """Shapes, dtypes, lengths and token ids of a forward batch; one clear error each."""
     if "tokens" not in batch or "position_ids" not in batch:
@@ -126,7 +154,8 @@ def make_forward(cfg: GLMConfig, mesh: Mesh, *, collect_hidden: bool = False,
     """A jitted inference forward over `mesh`: (params, batch) -> (float32 logits, per-layer outputs).
 
     Shardings are explicit: parameters per the rules table, batch arrays over data+fsdp, logits
-    over (batch, vocab). A dense attention_mask with batch 1 is broadcast to the batch first.
+    over (batch, vocab). A dense attention_mask with batch 1 is broadcast to the batch first; any
+    batch size runs: rows are padded to data*fsdp (`pad_rows`) and only the real ones come back.
     """
     model = GLM(cfg)
     p_shard = param_shardings(cfg, mesh)
@@ -143,20 +172,20 @@ def make_forward(cfg: GLMConfig, mesh: Mesh, *, collect_hidden: bool = False,
     def forward(params, batch):
         batch = dict(batch)
         b = np.shape(batch["tokens"])[0]
-        dp = mesh.shape["data"] * mesh.shape["fsdp"]
-        if b % dp:
-            raise MeshError(f"batch size {b} is not divisible by the data parallelism "
-                            f"data*fsdp={dp} of the mesh")
         if "attention_mask" in batch and np.shape(batch["attention_mask"])[0] != b:
-            batch["attention_mask"] = jnp.broadcast_to(batch["attention_mask"],
-                                                       (b,) + tuple(np.shape(batch["attention_mask"])[1:]))
+            mask = batch["attention_mask"]
+            xp = jnp if isinstance(mask, jax.Array) else np
+            batch["attention_mask"] = xp.broadcast_to(mask, (b,) + tuple(np.shape(mask)[1:]))
+        batch, _ = pad_rows(batch, data_parallelism(mesh))
         b_shard = batch_shardings(batch, mesh)
         key = tuple(sorted((k, np.ndim(v)) for k, v in batch.items()))
         if key not in compiled:
             compiled[key] = jax.jit(apply, in_shardings=(p_shard, b_shard),
                                     out_shardings=(logits_shard, None))
-        ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-        with ctx:
-            return compiled[key](params, batch)
+        with jax.set_mesh(mesh):
+            logits, per_layer = compiled[key](params, batch)
+        if np.shape(batch["tokens"])[0] == b:
+            return logits, per_layer
+        return logits[:b], jax.tree.map(lambda x: x[:, :b], per_layer)  # per-layer outputs: [layers, b, ...]
 
     return forward

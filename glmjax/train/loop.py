@@ -1,129 +1,41 @@
-"""`glmjax train`: experiment config -> data -> sharded state -> steps -> metrics -> orbax checkpoints.
-
-An experiment file has sections model:, data:, objective:, optim:, loss_scale:, train:. A run resumes
-from the newest complete checkpoint in train.checkpoint_dir: parameters, optimizer state, loss scale,
-step, consumed samples, RNG and the data position.
+"""`glmjax train`: an experiment (glmjax/experiment.py) run in parts -- setup (mesh, data, state,
+the compiled step, resume), step, rollback and save -- with orbax checkpoints of the whole state
+(parameters, optimizer state, loss scale, step, consumed samples, RNG, data position) in a run
+directory (glmjax/checkpoint.py). Saves are asynchronous: training goes on while one is written.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
-from glmjax import config as C
+from glmjax import checkpoint as ckpt
+from glmjax.config import GLMConfig
 from glmjax.data import pipeline
-from glmjax.data.objective import ObjectiveConfig
 from glmjax.errors import ConfigError, GlmjaxError
+from glmjax.experiment import Experiment
 from glmjax.model.api import init_params
-from glmjax.parallel import rules
 from glmjax.parallel.mesh import make_mesh
 from glmjax.train import optim, precision
 from glmjax.train import step as S
 from glmjax.train.report import Reporter, device_peak_tflops
 
 
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    steps: int = 100
-    micro_batch: int = 8  # rows of one micro-batch (global); a step runs global_batch / micro_batch of them
-    mesh: str | None = None
-    checkpoint_dir: str = "runs/train"
-    checkpoint_every: int = 50
-    keep: int = 3
-    log_every: int = 1
-    seed: int = 1234
-    # embedding gradient shrink alpha (GLM-130B: 0.1): a number, or a piecewise-linear schedule
-    # [[step, alpha], ...] held constant outside its points (e.g. [[0, 0.1], [5000, 1.0]])
-    egs_alpha: float | tuple[tuple[int, float], ...] = 1.0
-    init_from: str | None = None  # a glmjax (orbax) checkpoint whose parameters start a new run
-    peak_tflops: float | None = None  # per device, for MFU; default: report.PEAK_TFLOPS by device kind
-    spike_threshold: float = 3.0  # a loss above this multiple of its moving average is a spike
-    spike_window: int = 20  # steps in the loss moving average (and before the guard arms)
-    max_rollbacks: int = 5
+@dataclasses.dataclass
+class Hooks:
+    """Where tests and tools look into or interrupt a run (instead of environment variables):
+    after_setup(trainer); after_step(trainer, metrics) -- metrics may be changed, e.g. to inject a
+    loss spike; after_save(trainer, step) -- called once the save is dispatched and still in flight."""
 
-    def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch", "checkpoint_every", "keep", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train: {name} must be positive, got {getattr(self, name)}")
-        egs_alpha_at(self.egs_alpha, 0)  # validates the schedule
-
-
-def egs_alpha_at(schedule: float | Sequence[Sequence[float]], step: int) -> float:
-    """Embedding-gradient-shrink alpha at `step`: a constant, or linear between [step, alpha] points."""
-    if isinstance(schedule, (int, float)):
-        points = [(0, float(schedule))]
-    else:
-        try:
-            points = [(int(s), float(a)) for s, a in schedule]
-        except (TypeError, ValueError):
-            raise ConfigError(f"train.egs_alpha must be a number or [[step, alpha], ...], got {schedule!r}") from None
-    steps = [s for s, _ in points]
-    if not points or steps != sorted(set(steps)) or any(not 0.0 <= a <= 1.0 for _, a in points):
-        raise ConfigError(f"train.egs_alpha schedule needs increasing steps and alphas in [0, 1], got {schedule!r}")
-    return float(np.interp(step, steps, [a for _, a in points]))
-
-
-def _section(raw: dict[str, Any], name: str, cls: type, source: str) -> Any:
-    values = dict(raw.get(name) or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown {name} key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    if "rampup_batch_size" in values and values["rampup_batch_size"] is not None:
-        values["rampup_batch_size"] = tuple(values["rampup_batch_size"])
-    if isinstance(values.get("egs_alpha"), list):
-        values["egs_alpha"] = tuple(tuple(p) if isinstance(p, list) else p for p in values["egs_alpha"])
-    return cls(**values)
-
-
-def load_experiment(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """All sections of an experiment file, `section.key=value` overrides applied, each validated."""
-    import yaml
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"experiment file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections")
-    sections = ("model", "data", "objective", "optim", "loss_scale", "train")
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
-        raise ConfigError(f"{path}: unknown section {unknown[0]!r} (sections: {', '.join(sections)})")
-    raw = {k: dict(raw.get(k) or {}) for k in sections}
-    for key, value in C.parse_overrides(overrides).items():
-        section, _, name = key.partition(".")
-        if section not in sections or not name:
-            raise ConfigError(f"override {key!r} must be SECTION.KEY with SECTION one of {', '.join(sections)}")
-        raw[section][name] = value
-    model_raw = dict(raw["model"])
-    preset = model_raw.pop("preset", None)
-    model = C.resolve(preset, overrides=model_raw) if preset else C.from_dict(model_raw, source=f"{path} model")
-    obj = dict(raw["objective"])
-    obj.setdefault("seq_length", model.max_sequence_length)
-    obj.setdefault("position_encoding_2d", model.position_encoding_2d)
-    data = dict(raw["data"])
-    if "path" not in data:
-        raise ConfigError(f"{path}: data.path is required (a directory written by `glmjax data prepare`)")
-    run = _section(raw, "train", RunConfig, path)
-    opt = _section(raw, "optim", optim.OptimConfig, path)
-    start = opt.rampup_batch_size[0] if opt.rampup_batch_size else opt.global_batch
-    if opt.global_batch % run.micro_batch or start % run.micro_batch:
-        raise ConfigError(f"{path}: global batch {opt.global_batch} and the ramp's start {start} must be multiples "
-                          f"of train.micro_batch={run.micro_batch}")
-    return {"model": model, "data": data, "objective": ObjectiveConfig(**obj), "optim": opt,
-            "loss_scale": _section(raw, "loss_scale", precision.LossScaleConfig, path), "train": run}
+    after_setup: Callable[[Trainer], None] | None = None
+    after_step: Callable[[Trainer, dict[str, Any]], None] | None = None
+    after_save: Callable[[Trainer, int], None] | None = None
 
 
 class _Stop:
@@ -141,7 +53,7 @@ class _Stop:
             signal.signal(s, h)
 
 
-def model_flops_per_token(cfg: C.GLMConfig, seq_length: int) -> float:
+def model_flops_per_token(cfg: GLMConfig, seq_length: int) -> float:
     """Training FLOPs per token, PaLM's accounting (as MaxText): 6 x the matmul parameters (forward
     and backward, the embedding lookup excluded, a tied output head counted once) plus 12 x layers x
     hidden x sequence for the attention scores and the weighted sum. Rematerialisation is not
@@ -169,64 +81,12 @@ class SpikeGuard:
         return spike
 
 
-RUN_INFO = "run.json"
-
-
-def write_run_info(directory: str, cfg: C.GLMConfig, tokenizer_dir: str | None) -> None:
-    """The model config and a copy of the tokenizer beside the checkpoints, so `glmjax generate
-    --checkpoint DIR` needs nothing else."""
-    import shutil
-
-    os.makedirs(directory, exist_ok=True)
-    tok_copy = os.path.join(directory, "tokenizer")
-    if tokenizer_dir and os.path.isdir(tokenizer_dir) and not os.path.isdir(tok_copy):
-        shutil.copytree(tokenizer_dir, tok_copy + ".tmp", dirs_exist_ok=True)
-        os.replace(tok_copy + ".tmp", tok_copy)
-    tmp = os.path.join(directory, RUN_INFO + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"model": cfg.to_dict(), "tokenizer": "tokenizer" if os.path.isdir(tok_copy) else None}, f,
-                  indent=2)
-    os.replace(tmp, os.path.join(directory, RUN_INFO))
-
-
-def restore_run_params(directory: str, mesh: Any, step: int | None = None) -> tuple[C.GLMConfig, Any, int]:
-    """Only the parameters of a training checkpoint (newest complete step by default) on `mesh`."""
-    import orbax.checkpoint as ocp
-
-    from glmjax.model.api import abstract_params, param_shardings
-
-    info_path = os.path.join(directory, RUN_INFO)
-    if not os.path.isfile(info_path):
-        raise GlmjaxError(f"{directory} is not a training run directory (no {RUN_INFO})")
-    with open(info_path) as f:
-        cfg = C.from_dict(json.load(f)["model"], source=info_path)
-    mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise GlmjaxError(f"{directory} holds no complete checkpoint yet")
-    import flax.linen as nn
-
-    shardings = param_shardings(cfg, mesh)
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(abstract_params(cfg)), shardings)
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
-        partial_restore=True)))
-    mngr.close()
-    return cfg, restored["state"]["params"], step
-
-
-def _manager(directory: str, keep: int):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=True, create=True),
-        item_names=("state", "meta"))
-
-
 def _savable(state: S.TrainState) -> dict[str, Any]:
+    """The state as orbax saves it: the RNG key as its raw data, the loss scaler as a dict."""
     d = state._asdict()
-    d["rng"] = jax.random.key_data(state.rng)
+    rng = state.rng
+    d["rng"] = (jax.ShapeDtypeStruct(jax.eval_shape(jax.random.key_data, rng).shape, np.uint32, sharding=rng.sharding)
+                if isinstance(rng, jax.ShapeDtypeStruct) else jax.random.key_data(rng))
     d["loss_scale"] = state.loss_scale._asdict()
     return d
 
@@ -238,135 +98,161 @@ def _from_savable(d: dict[str, Any]) -> S.TrainState:
     return S.TrainState(**d)
 
 
-def _restore(mngr, step: int, like: S.TrainState) -> tuple[S.TrainState, int]:
-    """Checkpoint `step` onto the shardings of `like`: (state, data position)."""
-    import orbax.checkpoint as ocp
+class Trainer:
+    """One training run: built by setup (the constructor), advanced by step(), rolled back on a
+    spike, saved every train.checkpoint_every steps, on the last step and on SIGTERM."""
 
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _savable(like))
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                          meta=ocp.args.JsonRestore()))
-    return _from_savable(restored["state"]), int(restored["meta"]["data_position"])
+    def __init__(self, exp: Experiment, log: Callable[[str], None] = print, hooks: Hooks | None = None):
+        self.exp, self.hooks, self._log = exp, hooks or Hooks(), log
+        cfg, t = exp.model, exp.train
+        self.mesh = make_mesh(t.mesh)
+        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if t.micro_batch % dp:
+            raise ConfigError(f"train.micro_batch={t.micro_batch} is not divisible by the data parallelism "
+                              f"data*fsdp={dp} of mesh {dict(self.mesh.shape)}")
+        self.run_dir = ckpt.RunDir(t.checkpoint_dir)
+        shards = pipeline.TokenShards(exp.data.path)
+        self.loader = pipeline.GLMLoader(shards, exp.objective, global_batch=t.micro_batch, seed=exp.data.seed,
+                                         process_index=jax.process_index(), process_count=jax.process_count(),
+                                         model_vocab=cfg.vocab_size)
+        self.checkpoints = ckpt.TrainCheckpoints(t.checkpoint_dir, t.keep)
+        latest = self.checkpoints.latest_step()
+        if latest is not None:
+            ckpt.check_architecture(self.run_dir.model_config(), cfg, f"resuming {t.checkpoint_dir}")
+        t0 = time.perf_counter()
+        self.step_fn = S.TrainStep(cfg, exp.optim, exp.loss_scale, self.mesh, t.micro_batch, exp.objective.seq_length)
+        self.compile_seconds = time.perf_counter() - t0
+        if latest is not None:
+            self.state, self.data_position = self._restore(latest)
+            log(f"resumed from {t.checkpoint_dir} step {latest} (data position {self.data_position})")
+        else:
+            self.state, self.data_position = self._fresh_state(), 0
+        if jax.process_index() == 0:
+            self.run_dir.write(cfg, exp.to_yaml(), shards.manifest.get("tokenizer"))
+        self.report = Reporter(t.checkpoint_dir, t.steps, int(self.state.step), log,
+                               enabled=jax.process_index() == 0)
+        self.guard, self.rollbacks = SpikeGuard(t.spike_threshold, t.spike_window), 0
+        self.flops_per_token = model_flops_per_token(cfg, exp.objective.seq_length)
+        self.peak_tflops = t.peak_tflops or device_peak_tflops(self.mesh.devices.flat[0])
+        self.last: dict[str, Any] = {}
+
+    def _fresh_state(self) -> S.TrainState:
+        cfg, t = self.exp.model, self.exp.train
+        if t.init_from:  # fine-tuning: a converted checkpoint's (or a run's) weights, a fresh optimizer
+            fmt = ckpt.detect_format(t.init_from)
+            found = cfg if fmt == "sat" else ckpt.read_config(fmt, t.init_from)
+            ckpt.check_architecture(found, cfg, f"train.init_from {t.init_from}")
+            if found.quantization_bits:
+                raise ConfigError(f"train.init_from {t.init_from} holds quantized weights; start from float ones")
+            sat_cfg = cfg.replace(param_dtype="float32") if fmt == "sat" else None
+            params = ckpt.load_params(fmt, t.init_from, sat_cfg, self.mesh)[1]
+            self._log(f"initialised from {t.init_from}")
+        else:
+            params = init_params(cfg, jax.random.key(t.seed), self.mesh)
+        return S.init_state(cfg, params, self.exp.optim, self.exp.loss_scale, t.seed, self.mesh)
+
+    def _restore(self, step: int) -> tuple[S.TrainState, int]:
+        """Checkpoint `step` onto the shardings the step was compiled for: (state, data position)."""
+        like = S.abstract_state(self.exp.model, self.exp.optim, self.exp.loss_scale)
+        like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like,
+                            self.step_fn.state_shardings)
+        state, meta = self.checkpoints.restore(step, _savable(like))
+        return _from_savable(state), int(meta["data_position"])
+
+    def _micro_batches(self, n_micro: int) -> Iterator[dict[str, jax.Array]]:
+        """This process's rows of each micro-batch, made and sent one at a time (only used ones)."""
+        rows = self.exp.train.micro_batch
+        for j in range(n_micro):
+            self.loader.next_sequence = self.data_position + j * rows
+            local = self.loader.next_batch()
+            yield {k: jax.make_array_from_process_local_data(self.step_fn.batch_shardings[k],
+                                                             np.asarray(v, spec.dtype), spec.shape)
+                   for k, v in local.items() for spec in (self.step_fn.batch_specs[k],)}
+
+    def step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics as host numbers."""
+        t0 = time.perf_counter()
+        in_flight = self.checkpoints.saving()  # a save still being written while this step runs
+        n_micro = optim.batch_size(self.exp.optim, int(self.state.consumed_samples)) // self.exp.train.micro_batch
+        alpha = self.exp.model.egs_alpha_at(int(self.state.step))
+        self.state, m = self.step_fn(self.state, self._micro_batches(n_micro), n_micro, alpha)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        dt = time.perf_counter() - t0
+        self.data_position += n_micro * self.exp.train.micro_batch
+        m.update(step=int(self.state.step), batch_size=n_micro * self.exp.train.micro_batch, step_time=dt,
+                 egs_alpha=alpha, tokens_per_s=m["tokens"] / dt, data_position=self.data_position,
+                 checkpoint_in_flight=in_flight)
+        if self.peak_tflops:
+            tokens = m["batch_size"] * self.exp.objective.seq_length
+            m["mfu"] = self.flops_per_token * tokens / dt / (self.peak_tflops * 1e12 * self.mesh.size)
+        return m
+
+    def rollback(self, m: dict[str, Any]) -> None:
+        """Back to the last committed checkpoint; the data position stays past the spike's window."""
+        self.checkpoints.wait()
+        back = self.checkpoints.latest_step()
+        self.state, back_position = self._restore(back)
+        skipped, self.rollbacks = (back_position, self.data_position), self.rollbacks + 1
+        t = self.exp.train
+        self.report.log(f"step {m['step']}: loss {m['loss']:.4f} is a spike (> {t.spike_threshold} x moving "
+                        f"average); rolled back to step {back}, skipping sequences [{skipped[0]}, {skipped[1]})")
+        self.report.event({"event": "rollback", "step": m["step"], "loss": m["loss"], "to_step": back,
+                           "skipped_data": list(skipped)})
+
+    def save(self) -> None:
+        """Dispatch an asynchronous save of the current state (the previous one is awaited first)."""
+        step = int(self.state.step)
+        self.checkpoints.save(step, _savable(self.state), {"data_position": self.data_position})
+        if self.hooks.after_save:
+            self.hooks.after_save(self, step)
+
+    def run(self) -> dict[str, Any]:
+        """Train to train.steps (or until SIGTERM/SIGINT); returns the last step's metrics."""
+        t = self.exp.train
+        if self.hooks.after_setup:
+            self.hooks.after_setup(self)
+        stop = _Stop()
+        try:
+            while int(self.state.step) < t.steps and not stop.requested:
+                m = self.step()
+                if self.hooks.after_step:
+                    self.hooks.after_step(self, m)
+                if not m["finite"]:
+                    self.report.log(f"step {m['step']}: gradients or update not finite, skipped "
+                                    f"(loss scale {m['loss_scale']:.0f})")
+                if (self.guard.is_spike(m["loss"]) and self.checkpoints.latest_step() is not None
+                        and self.rollbacks < t.max_rollbacks):
+                    self.rollback(m)
+                    continue
+                self.last = m
+                self.report.step(m, log_line=m["step"] % t.log_every == 0)
+                if m["step"] % t.checkpoint_every == 0 or m["step"] == t.steps or stop.requested:
+                    self.save()
+        finally:
+            stop.restore()
+            self.report.close()
+            self.checkpoints.close()
+        if stop.requested:
+            self._log(f"stopped by signal at step {int(self.state.step)}; checkpoint written")
+        return self.last
 
 
-def train(exp: dict[str, Any], log=print) -> dict[str, Any]:
+def train(exp: Experiment, log: Callable[[str], None] = print, hooks: Hooks | None = None) -> dict[str, Any]:
     """Run (or resume) an experiment; returns the last metrics."""
-    import orbax.checkpoint as ocp
+    trainer = Trainer(exp, log, hooks)
+    log(f"compiled the training step in {trainer.compile_seconds:.1f} s")
+    return trainer.run()
 
-    cfg, run, oc, lc = exp["model"], exp["train"], exp["optim"], exp["loss_scale"]
-    mesh = make_mesh(run.mesh)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if run.micro_batch % dp:
-        raise ConfigError(f"train.micro_batch={run.micro_batch} is not divisible by the data parallelism "
-                          f"data*fsdp={dp} of mesh {dict(mesh.shape)}")
-    shards = pipeline.TokenShards(exp["data"]["path"])
-    loader = pipeline.GLMLoader(shards, exp["objective"], global_batch=run.micro_batch,
-                                seed=int(exp["data"].get("seed", 0)), process_index=jax.process_index(),
-                                process_count=jax.process_count(), model_vocab=cfg.vocab_size)
-    max_micro = oc.global_batch // run.micro_batch
-    mngr = _manager(run.checkpoint_dir, run.keep)
-    if run.init_from and mngr.latest_step() is None:  # fine-tuning: converted weights, fresh optimizer
-        from glmjax.convert.orbax_format import read_config, restore_params
 
-        saved = read_config(run.init_from)
-        arch = ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size", "vocab_size", "glu",
-                "tie_word_embeddings", "position_encoding_2d")
-        diff = [k for k in arch if getattr(saved, k) != getattr(cfg, k)]
-        if diff:
-            raise ConfigError(f"train.init_from {run.init_from}: its {diff[0]} is {getattr(saved, diff[0])}, "
-                              f"the model's {getattr(cfg, diff[0])}")
-        params = restore_params(run.init_from, mesh, cfg.replace(param_dtype="float32"))[1]
-        log(f"initialised from {run.init_from}")
-    else:
-        params = init_params(cfg, jax.random.key(run.seed), mesh)
-    state = S.init_state(cfg, params, oc, lc, run.seed)
-    step_fn = S.make_train_step(cfg, oc, lc, mesh, state)
-    data_position = 0
-    latest = mngr.latest_step()
-    if latest is not None:
-        state, data_position = _restore(mngr, latest, state)
-        log(f"resumed from {run.checkpoint_dir} step {latest} (data position {data_position})")
-    if jax.process_index() == 0:
-        write_run_info(run.checkpoint_dir, cfg, shards.manifest.get("tokenizer"))
-    report = Reporter(run.checkpoint_dir, run.steps, int(state.step), log, enabled=jax.process_index() == 0)
-    guard, rollbacks = SpikeGuard(run.spike_threshold, run.spike_window), 0
-    flops_per_token = model_flops_per_token(cfg, exp["objective"].seq_length)
-    peak_tflops = run.peak_tflops or device_peak_tflops(mesh.devices.flat[0])
-    spike_at = int(os.environ.get("GLMJAX_TEST_SPIKE_AT_STEP", "0"))  # tests: an injected loss spike
-    stop = _Stop()
-    kill_after = int(os.environ.get("GLMJAX_TEST_SIGKILL_AFTER_STEP", "0"))  # tests: a real kill -9
-    last: dict[str, Any] = {}
+def main(exp: Experiment, hooks: Hooks | None = None) -> int:
+    """The CLI's entry: print the resolved experiment, train, one line on interruption."""
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    log("experiment:\n" + "\n".join("  " + line for line in exp.to_yaml().splitlines()))
     try:
-        while int(state.step) < run.steps and not stop.requested:
-            t0 = time.perf_counter()
-            consumed = int(state.consumed_samples)
-            n_micro = optim.batch_size(oc, consumed) // run.micro_batch
-            rows = []
-            for j in range(max_micro):  # unused micro-batches are zeros: fixed shapes, one program
-                if j < n_micro:
-                    loader.next_sequence = data_position + j * run.micro_batch
-                    rows.append(loader.next_batch())
-                else:
-                    rows.append(jax.tree.map(np.zeros_like, rows[0]))
-            local = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-            batch = {k: jax.make_array_from_process_local_data(
-                rules.named(mesh, None, "batch", *((None,) * (v.ndim - 2))), v) for k, v in local.items()}
-            lr = optim.learning_rate(oc, consumed)
-            egs_alpha = egs_alpha_at(run.egs_alpha, int(state.step))
-            state, m = step_fn(state, batch, n_micro, lr, egs_alpha)
-            data_position += n_micro * run.micro_batch
-            step = int(state.step)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            dt = time.perf_counter() - t0
-            m.update(step=step, batch_size=n_micro * run.micro_batch, step_time=dt, egs_alpha=egs_alpha,
-                     tokens_per_s=m["tokens"] / dt, data_position=data_position)
-            if peak_tflops:
-                seq_tokens = n_micro * run.micro_batch * exp["objective"].seq_length
-                m["mfu"] = flops_per_token * seq_tokens / dt / (peak_tflops * 1e12 * mesh.size)
-            if spike_at and step == spike_at:
-                m["loss"] *= 100.0
-            if not m["finite"]:
-                report.log(f"step {step}: gradients not finite, update skipped (loss scale {m['loss_scale']:.0f})")
-            if guard.is_spike(m["loss"]) and mngr.latest_step() is not None and rollbacks < run.max_rollbacks:
-                mngr.wait_until_finished()
-                back = mngr.latest_step()
-                state, back_position = _restore(mngr, back, state)
-                skipped, rollbacks = (back_position, data_position), rollbacks + 1
-                event = {"event": "rollback", "step": step, "loss": m["loss"], "to_step": back,
-                         "skipped_data": list(skipped)}
-                report.log(f"step {step}: loss {m['loss']:.4f} is a spike (> {run.spike_threshold} x moving "
-                           f"average); rolled back to step {back}, skipping sequences [{skipped[0]}, {skipped[1]})")
-                report.event(event)
-                continue  # the data position stays past the window that caused the spike
-            last = m
-            report.step(m, log_line=step % run.log_every == 0)
-            if step % run.checkpoint_every == 0 or step == run.steps or stop.requested:
-                mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_savable(state)),
-                                                        meta=ocp.args.JsonSave({"data_position": data_position})))
-                if kill_after and step >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)  # mid-save: the async write is still running
-                mngr.wait_until_finished()
-            if kill_after and step >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        stop.restore()
-        report.close()
-        mngr.wait_until_finished()
-        mngr.close()
-    if stop.requested:
-        log(f"stopped by signal at step {int(state.step)}; checkpoint written")
-    return last
-
-
-def main(path: str, overrides: Sequence[str]) -> int:
-    exp = load_experiment(path, overrides)
-    if os.environ.get("GLMJAX_DISTRIBUTED") == "1":  # multi-host: coordinator from the TPU pod / SLURM env
-        jax.distributed.initialize()
-    try:
-        train(exp, log=lambda msg: print(msg, flush=True))
+        train(exp, log=log, hooks=hooks)
     except GlmjaxError:
         raise
     except KeyboardInterrupt:
         print("glmjax: interrupted", file=sys.stderr)
         return 130
     return 0
-

@@ -1,18 +1,30 @@
-"""The training step: a variable number of fixed-shape micro-batches accumulated inside one compiled
-step (GLM-130B's batch-size ramp-up without recompiling), float32 master weights, compute in the
-model's dtype, dynamic loss scaling for float16, skip-on-overflow, global-norm clipping, AdamW."""
+"""The training step as GLM-130B's Megatron/DeepSpeed runs it: a step is `n` micro-batches, each
+forward/backward accumulating its gradient, then one update -- float32 master weights, compute in
+the model's dtype, dynamic loss scaling of the mean loss for float16, skip-on-overflow, global-norm
+clipping, AdamW with the learning rate of the consumed samples.
+
+Two programs, each compiled once ahead of time for the mesh (no recompilation as the batch ramps
+from 192 to 4224 rows: only the number of micro-batch calls changes, and only used micro-batches
+are ever sent to the devices):
+  accumulate(state, acc, micro, n, egs_alpha) -> acc    gradient of loss_j * scale / n added to acc
+  update(state, acc) -> (state, metrics, zeroed acc)    unscale, check, clip, AdamW, loss scaler
+The loss of micro-batch j is its mean token NLL and the step's loss the mean over its micro-batches,
+as Megatron averages micro-batch losses (the loss scale then multiplies a mean, so GLM-130B's
+initial scale 65536 means what it meant there).
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from glmjax.config import GLMConfig
-from glmjax.model.api import param_shardings
+from glmjax.model.api import abstract_params, param_shardings
 from glmjax.model.glm import GLM
 from glmjax.parallel import rules
 from glmjax.train import optim, precision
@@ -29,95 +41,188 @@ class TrainState(NamedTuple):
     rng: jax.Array
 
 
-def init_state(cfg: GLMConfig, params: Any, optim_cfg: optim.OptimConfig, ls_cfg: precision.LossScaleConfig,
-               seed: int) -> TrainState:
+class Accumulator(NamedTuple):
+    grads: Any  # float32, shaped and sharded like the parameters
+    loss: jax.Array  # sum of micro-batch mean losses / n
+    correct: jax.Array  # sum of micro-batch accuracies / n
+    tokens: jax.Array  # loss tokens
+    samples: jax.Array  # rows
+
+
+def _host_state(cfg: GLMConfig, params: Any, optim_cfg: optim.OptimConfig, ls_cfg: precision.LossScaleConfig,
+                seed: int) -> TrainState:
     opt = optim.make_optimizer(optim_cfg)
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     return TrainState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), params, opt.init(params),
                       precision.init_loss_scale(ls_cfg, cfg.dtype == "float16"), jax.random.key(seed))
 
 
+def state_shardings(cfg: GLMConfig, optim_cfg: optim.OptimConfig, ls_cfg: precision.LossScaleConfig,
+                    mesh: jax.sharding.Mesh) -> TrainState:
+    """Where every leaf of the training state lives: parameters and Adam's moments by the rules
+    table, counters, loss scale and RNG replicated. Restored and fresh states both use these, so the
+    step's programs always see the shardings they were compiled for."""
+    p_shard = param_shardings(cfg, mesh)
+    shapes = abstract_state(cfg, optim_cfg, ls_cfg)
+    replicated = jax.tree.map(lambda _: rules.named(mesh), shapes)
+    return replicated._replace(params=p_shard, opt_state=_opt_shardings(shapes.opt_state, p_shard, mesh))
+
+
+def abstract_state(cfg: GLMConfig, optim_cfg: optim.OptimConfig, ls_cfg: precision.LossScaleConfig) -> TrainState:
+    """ShapeDtypeStructs of the training state (nothing allocated)."""
+    params = nn.unbox(abstract_params(cfg))
+    return jax.eval_shape(lambda p: _host_state(cfg, p, optim_cfg, ls_cfg, 0), params)
+
+
+def init_state(cfg: GLMConfig, params: Any, optim_cfg: optim.OptimConfig, ls_cfg: precision.LossScaleConfig,
+               seed: int, mesh: jax.sharding.Mesh) -> TrainState:
+    """A fresh state around `params` (already on `mesh`), every leaf placed per state_shardings."""
+    shardings = state_shardings(cfg, optim_cfg, ls_cfg, mesh)
+    fn = jax.jit(lambda p: _host_state(cfg, p, optim_cfg, ls_cfg, seed), out_shardings=shardings)
+    with jax.set_mesh(mesh):
+        return fn(params)
+
+
 def _loss(model: GLM, params: Any, micro: dict[str, jax.Array], rng: jax.Array, egs_alpha: jax.Array,
-          scale: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+          weight: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """(mean token NLL x weight, (mean NLL, accuracy, loss tokens)) of one micro-batch."""
     logits, _ = model.apply({"params": params}, micro["tokens"], micro["position_ids"],
                             prefix_mask=micro["prefix_mask"], segment_ids=micro["segment_ids"],
                             deterministic=False, egs_alpha=egs_alpha, rngs={"dropout": rng})
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, micro["targets"][..., None], -1)[..., 0]
     mask = micro["loss_mask"].astype(jnp.float32)
-    loss_sum = (nll * mask).sum()
-    correct = ((logits.argmax(-1) == micro["targets"]) * mask).sum()
-    return loss_sum * scale, (loss_sum, correct, mask.sum())
+    count = jnp.maximum(mask.sum(), 1.0)
+    mean = (nll * mask).sum() / count
+    accuracy = ((logits.argmax(-1) == micro["targets"]) * mask).sum() / count
+    return mean * weight, (mean, accuracy, mask.sum())
 
 
-def make_train_step(cfg: GLMConfig, optim_cfg: optim.OptimConfig, ls_cfg: precision.LossScaleConfig,
-                    mesh: jax.sharding.Mesh, state_example: TrainState) -> Callable:
-    """jit(step)(state, batch, n_micro, lr, egs_alpha) -> (state, metrics).
+def batch_specs(cfg: GLMConfig, rows: int, seq_length: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one global micro-batch, as glmjax/data/pipeline.py builds them."""
+    shape = (rows, seq_length)
+    pos = (rows, 2, seq_length) if cfg.position_encoding_2d else shape
+    dtypes = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.int32, "position_ids": np.int32,
+              "prefix_mask": np.bool_, "segment_ids": np.int32}
+    return {k: jax.ShapeDtypeStruct(pos if k == "position_ids" else shape, dtypes[k]) for k in BATCH_KEYS}
 
-    batch arrays are [max_micro, rows, ...]; only the first n_micro micro-batches are used, so every
-    batch size of the ramp runs the same compiled program. The loss is the mean over the loss tokens
-    of all used micro-batches.
-    """
-    model = GLM(cfg)
+
+class TrainStep:
+    """The step's two programs compiled once for `mesh`; call(state, micro_batches, egs_alpha)."""
+
+    def __init__(self, cfg: GLMConfig, optim_cfg: optim.OptimConfig, ls_cfg: precision.LossScaleConfig,
+                 mesh: jax.sharding.Mesh, micro_rows: int, seq_length: int):
+        self.cfg, self.mesh = cfg, mesh
+        self.state_shardings = state_shardings(cfg, optim_cfg, ls_cfg, mesh)
+        self.batch_shardings = {k: rules.named(mesh, "batch", *((None,) * (len(v.shape) - 1)))
+                                for k, v in batch_specs(cfg, micro_rows, seq_length).items()}
+        self.batch_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k])
+                            for k, v in batch_specs(cfg, micro_rows, seq_length).items()}
+        rep = rules.named(mesh)
+        p_shard = self.state_shardings.params
+        self.acc_shardings = Accumulator(p_shard, rep, rep, rep, rep)
+        state = _spec(abstract_state(cfg, optim_cfg, ls_cfg), self.state_shardings)
+        acc = _spec(_zero_acc_like(state.params, abstract=True), self.acc_shardings)
+        scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
+        accumulate = jax.jit(_accumulate_fn(GLM(cfg)), out_shardings=self.acc_shardings, donate_argnums=(1,))
+        update = jax.jit(_update_fn(cfg, optim_cfg, ls_cfg),
+                         out_shardings=(self.state_shardings, None, self.acc_shardings), donate_argnums=(0, 1))
+        zeros = jax.jit(lambda: _zero_acc_like(state.params), out_shardings=self.acc_shardings)
+        with jax.set_mesh(mesh):
+            self.programs = {
+                "accumulate": accumulate.lower(state, acc, self.batch_specs, scalar(jnp.int32),
+                                               scalar(jnp.float32)).compile(),
+                "update": update.lower(state, acc).compile(),
+            }
+            self._acc = zeros()
+        self._rep = rep
+
+    def __call__(self, state: TrainState, micro_batches: Iterable[dict[str, jax.Array]], n_micro: int,
+                 egs_alpha: float) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One step over `n_micro` micro-batches (global jax.Arrays, sent as they are made)."""
+        n = jax.device_put(np.int32(n_micro), self._rep)
+        alpha = jax.device_put(np.float32(egs_alpha), self._rep)
+        acc, seen = self._acc, 0
+        with jax.set_mesh(self.mesh):
+            for micro in micro_batches:
+                acc = self.programs["accumulate"](state, acc, micro, n, alpha)
+                seen += 1
+            if seen != n_micro:
+                raise ValueError(f"the step was given {seen} micro-batches, not {n_micro}")
+            state, metrics, self._acc = self.programs["update"](state, acc)
+        return state, metrics
+
+    def memory_bytes(self) -> int | None:
+        """XLA's largest per-device footprint of the two programs (arguments + outputs + temporaries)."""
+        sizes = []
+        for c in self.programs.values():
+            try:
+                m = c.memory_analysis()
+                sizes.append(int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                                 + m.temp_size_in_bytes))
+            except Exception:  # not every backend reports it
+                return None
+        return max(sizes)
+
+
+def _spec(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _zero_acc_like(params: Any, abstract: bool = False) -> Accumulator:
+    if abstract:
+        z = lambda dt: jax.ShapeDtypeStruct((), dt)  # noqa: E731
+        return Accumulator(jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params),
+                           z(jnp.float32), z(jnp.float32), z(jnp.float32), z(jnp.int32))
+    return Accumulator(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros(()),
+                       jnp.zeros(()), jnp.zeros(()), jnp.zeros((), jnp.int32))
+
+
+def _accumulate_fn(model: GLM):
+    def accumulate(state: TrainState, acc: Accumulator, micro: dict[str, jax.Array], n: jax.Array,
+                   egs_alpha: jax.Array) -> Accumulator:
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), acc.samples)
+        weight = state.loss_scale.scale / n.astype(jnp.float32)
+        grad_fn = jax.grad(lambda p: _loss(model, p, micro, rng, egs_alpha, weight), has_aux=True)
+        with nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
+            g, (mean, accuracy, tokens) = grad_fn(state.params)
+        nf = n.astype(jnp.float32)
+        return Accumulator(jax.tree.map(jnp.add, acc.grads, g), acc.loss + mean / nf, acc.correct + accuracy / nf,
+                           acc.tokens + tokens, acc.samples + micro["tokens"].shape[0])
+
+    return accumulate
+
+
+def _update_fn(cfg: GLMConfig, optim_cfg: optim.OptimConfig, ls_cfg: precision.LossScaleConfig):
     opt = optim.make_optimizer(optim_cfg)
     use_scaling = cfg.dtype == "float16"
-    p_shard = param_shardings(cfg, mesh)
-    batch_shard = {k: rules.named(mesh, None, "batch", *((None,) * (2 if k == "position_ids" and
-                                                                     cfg.position_encoding_2d else 1)))
-                   for k in BATCH_KEYS}
-    state_shard = jax.tree.map(lambda _: rules.named(mesh), state_example)
-    state_shard = state_shard._replace(params=p_shard, opt_state=_opt_shardings(state_example.opt_state, p_shard,
-                                                                                 mesh))
 
-    def step(state: TrainState, batch: dict[str, jax.Array], n_micro: jax.Array, lr: jax.Array,
-             egs_alpha: jax.Array):
-        grad_fn = jax.grad(lambda p, m, r: _loss(model, p, m, r, egs_alpha, state.loss_scale.scale), has_aux=True)
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-
-        def body(i, carry):
-            grads, loss_sum, correct, count = carry
-            micro = {k: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in batch.items()}
-            rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), i)
-            with nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
-                g, (ls, c, n) = grad_fn(state.params, micro, rng)
-            return (jax.tree.map(jnp.add, grads, g), loss_sum + ls, correct + c, count + n)
-
-        grads, loss_sum, correct, count = jax.lax.fori_loop(
-            0, n_micro, body, (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(())))
-        denom = jnp.maximum(count, 1.0) * state.loss_scale.scale
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        finite = precision.all_finite(grads) & jnp.isfinite(loss_sum)
-        grad_norm = optax.tree.norm(grads)
-        emb_norm = jnp.linalg.norm(grads["word_embeddings"])
+    def update(state: TrainState, acc: Accumulator):
+        grads = jax.tree.map(lambda g: g / state.loss_scale.scale, acc.grads)
+        grads_finite = precision.all_finite(grads) & jnp.isfinite(acc.loss)
+        lr = optim.learning_rate(optim_cfg, state.consumed_samples)
         opt_state = optim.set_learning_rate(state.opt_state, lr)
-        safe = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+        safe = jax.tree.map(lambda g: jnp.where(grads_finite, g, 0.0), grads)
         updates, new_opt = opt.update(safe, opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        rows = batch["tokens"].shape[1]
+        # an update that would make a parameter non-finite (a NaN weight decay, an infinite rate) is
+        # skipped like an overflowing gradient; only overflows move the loss scale
+        ok = grads_finite & precision.all_finite(new_params)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         new_state = TrainState(
             step=state.step + 1,
-            consumed_samples=state.consumed_samples + n_micro * rows,
+            consumed_samples=state.consumed_samples + acc.samples,
             params=keep(new_params, state.params),
             opt_state=keep(new_opt, opt_state),
-            loss_scale=precision.update_loss_scale(state.loss_scale, finite, ls_cfg, use_scaling),
+            loss_scale=precision.update_loss_scale(state.loss_scale, grads_finite, ls_cfg, use_scaling),
             rng=state.rng,
         )
-        metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "accuracy": correct / jnp.maximum(count, 1.0),
-                   "grad_norm": grad_norm, "embedding_grad_norm": emb_norm, "loss_scale": state.loss_scale.scale,
-                   "finite": finite, "tokens": count, "learning_rate": lr}
-        return new_state, metrics
+        metrics = {"loss": acc.loss, "accuracy": acc.correct, "grad_norm": optax.tree.norm(grads),
+                   "embedding_grad_norm": jnp.linalg.norm(grads["word_embeddings"]),
+                   "loss_scale": state.loss_scale.scale, "finite": ok, "tokens": acc.tokens, "learning_rate": lr}
+        return new_state, metrics, jax.tree.map(jnp.zeros_like, acc)
 
-    jitted = jax.jit(step, in_shardings=(state_shard, batch_shard, None, None, None),
-                     out_shardings=(state_shard, None), donate_argnums=(0,))
-
-    def run(state, batch, n_micro, lr, egs_alpha):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch, jnp.asarray(n_micro, jnp.int32), jnp.asarray(lr, jnp.float32),
-                          jnp.asarray(egs_alpha, jnp.float32))
-
-    run.jitted = jitted
-    return run
+    return update
 
 
 def _opt_shardings(opt_state: Any, p_shard: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -125,7 +230,7 @@ def _opt_shardings(opt_state: Any, p_shard: Any, mesh: jax.sharding.Mesh) -> Any
     p_struct = jax.tree.structure(p_shard)
 
     def walk(node):
-        if not isinstance(node, jax.Array) and jax.tree.structure(node) == p_struct:
+        if not isinstance(node, (jax.Array, jax.ShapeDtypeStruct)) and jax.tree.structure(node) == p_struct:
             return p_shard
         if isinstance(node, tuple) and hasattr(node, "_fields"):
             return type(node)(*[walk(x) for x in node])
