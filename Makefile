@@ -1,19 +1,27 @@
 # glmjax: every target creates/uses the virtual environment $(VENV) itself.
 #   make test        the whole suite on an 8-device CPU-simulated mesh
-#   make demo        the main job on an embedded default
-#   make info PRESET=glm-130b
-#   make forward CHECKPOINT=dir CONFIG=cfg.json INPUTS=in.npz OUTPUT=out.npz [MESH=data=2,tensor=4]
+#   make demo        the main job on an embedded default (8 simulated CPU devices, whatever the machine)
+#   make info [PRESET=glm-130b | CONFIG=file.json|experiment.yaml] [ARGS="key=value ..."]
+#   make forward CHECKPOINT=dir INPUTS=in.npz OUTPUT=out.npz [CONFIG=cfg.json] [MESH=data=2,tensor=4] [DTYPE=...]
 #   make convert-sat2orbax SRC=glm-130b-sat DST=ckpt/glm-130b [CONFIG=experiments/models/glm-130b.json]
 #   make convert-orbax2sat SRC=ckpt/glm-130b DST=glm-130b-tp4 [TP=4] [QUANTIZE=int4]
 #   make bench         conversion memory/throughput at GLM-130B's shapes, loader and training
 #                      throughput [BENCH_TRAIN="--preset glm-1b ..."] (BENCHMARKS.md)
 #   make train [TRAIN_CONFIG=experiments/x.yaml] [ARGS="train.steps=10"]   (resumes automatically)
+#   make generate [CHECKPOINT_DIR=runs/demo/run] [PROMPT="..."] [MESH=...] [QUANTIZE=int8|int4] [ARGS=...]
+# Model targets run on the accelerator the machine has (a TPU's /dev/accel* or /dev/vfio, an NVIDIA
+# GPU's /dev/nvidia0); only without one do they simulate CPU_MESH=8 devices on the CPU. CPU_MESH=N
+# asks for N simulated CPU devices anywhere; CPU_MESH= (empty) for none. Flags are passed only when
+# their variable is set, so every default is the CLI's own.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.glmjax-installed
-CPU_MESH := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+ACCELERATOR := $(firstword $(wildcard /dev/accel* /dev/vfio/[0-9]* /dev/nvidia0))
+CPU_MESH ?= $(if $(ACCELERATOR),,8)
+RUN_ENV = $(if $(CPU_MESH),XLA_FLAGS=--xla_force_host_platform_device_count=$(CPU_MESH) JAX_PLATFORMS=cpu)
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 PYTEST_ARGS ?=
 
 .PHONY: install test test-fast lint demo info forward convert-sat2orbax convert-orbax2sat bench sat-env clean \
@@ -28,34 +36,33 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(CPU_MESH) $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(CPU_MESH) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check glmjax tests tools
 
 demo: $(STAMP)
-	$(CPU_MESH) $(PY) tools/demo.py
+	$(TEST_ENV) $(PY) tools/demo.py
 
-PRESET ?= glm-130b
 info: $(STAMP)
-	$(PY) -m glmjax info --preset $(PRESET)
+	$(PY) -m glmjax info $(if $(CONFIG),--config $(CONFIG),--preset $(or $(PRESET),glm-130b)) $(ARGS)
 
 forward: $(STAMP)
-	$(CPU_MESH) $(PY) -m glmjax forward --checkpoint $(CHECKPOINT) --config $(CONFIG) \
-		--inputs $(INPUTS) --output $(OUTPUT) $(if $(MESH),--mesh $(MESH)) $(if $(DTYPE),--dtype $(DTYPE))
+	$(RUN_ENV) $(PY) -m glmjax forward --checkpoint $(CHECKPOINT) $(if $(CONFIG),--config $(CONFIG)) \
+		--inputs $(INPUTS) --output $(OUTPUT) $(if $(MESH),--mesh $(MESH)) $(if $(DTYPE),--dtype $(DTYPE)) $(ARGS)
 
-CONFIG ?= experiments/models/glm-130b.json
-TP ?= 8
+# SAT files carry no config: GLM-130B's unless CONFIG says otherwise
 convert-sat2orbax: $(STAMP)
-	$(CPU_MESH) $(PY) -m glmjax convert --from sat:$(SRC) --to orbax:$(DST) --config $(CONFIG) \
-		$(if $(VERIFY),--verify) $(if $(MESH),--mesh $(MESH))
+	$(RUN_ENV) $(PY) -m glmjax convert --from sat:$(SRC) --to orbax:$(DST) \
+		--config $(or $(CONFIG),experiments/models/glm-130b.json) \
+		$(if $(VERIFY),--verify) $(if $(MESH),--mesh $(MESH)) $(ARGS)
 
 convert-orbax2sat: $(STAMP)
-	$(CPU_MESH) $(PY) -m glmjax convert --from orbax:$(SRC) --to sat:$(DST) --tp $(TP) \
-		$(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(VERIFY),--verify) $(if $(MESH),--mesh $(MESH))
+	$(RUN_ENV) $(PY) -m glmjax convert --from orbax:$(SRC) --to sat:$(DST) $(if $(TP),--tp $(TP)) \
+		$(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(VERIFY),--verify) $(if $(MESH),--mesh $(MESH)) $(ARGS)
 
 # Python's own documentation text as a corpus, a 4000-piece GLM-130B-layout tokenizer, token shards
 runs/data/pydoc/manifest.json: $(STAMP)
@@ -68,12 +75,12 @@ data-pydoc: runs/data/pydoc/manifest.json
 
 TRAIN_CONFIG ?= experiments/glm-small-cpu.yaml
 train: $(STAMP) $(if $(filter experiments/glm-small-cpu.yaml,$(TRAIN_CONFIG)),runs/data/pydoc/manifest.json)
-	$(CPU_MESH) $(PY) -m glmjax train $(TRAIN_CONFIG) $(ARGS)
+	$(RUN_ENV) $(PY) -m glmjax train $(TRAIN_CONFIG) $(ARGS)
 
 # generate from a training run (default: the demo's) or any checkpoint; PROMPT=... or stdin (interactive)
 CHECKPOINT_DIR ?= runs/demo/run
 generate: $(STAMP)
-	$(CPU_MESH) $(PY) -m glmjax generate --checkpoint $(CHECKPOINT_DIR) $(if $(PROMPT),--prompt "$(PROMPT)") \
+	$(RUN_ENV) $(PY) -m glmjax generate --checkpoint $(CHECKPOINT_DIR) $(if $(PROMPT),--prompt "$(PROMPT)") \
 		$(if $(MESH),--mesh $(MESH)) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(ARGS)
 
 BENCH_LAYERS ?= 2
@@ -82,8 +89,8 @@ BENCH_GENERATE ?= --preset glm-small --prompt 128 --new 32 --batch 1 16
 bench: $(STAMP)
 	$(PY) tools/bench_convert.py --layers $(BENCH_LAYERS) --tp 8
 	$(PY) tools/bench_data.py
-	$(PY) tools/bench_train.py $(BENCH_TRAIN)
-	$(PY) tools/bench_generate.py $(BENCH_GENERATE)
+	$(RUN_ENV) $(PY) tools/bench_train.py $(BENCH_TRAIN)
+	$(RUN_ENV) $(PY) tools/bench_generate.py $(BENCH_GENERATE)
 
 # GLM-130B's own PyTorch model class (SwissArmyTransformer), for tests/test_sat_model_class.py
 sat-env:

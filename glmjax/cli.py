@@ -247,6 +247,29 @@ def _generate_config(a: argparse.Namespace) -> Any:
                           deterministic=not a.stochastic_beams, seed=a.seed)
 
 
+def _read_prompts(a: argparse.Namespace) -> list[str] | None:
+    """--prompt, or the prompts of --input-file (JSONL of {"prompt": ...}); None: interactive stdin."""
+    import json
+
+    if a.prompt is not None and a.input_file:
+        raise GlmjaxError("give --prompt or --input-file, not both")
+    if a.prompt is not None:
+        return [a.prompt]
+    if not a.input_file:
+        return None
+    if not os.path.isfile(a.input_file):
+        raise GlmjaxError(f"input file not found: {a.input_file}")
+    prompts = []
+    with open(a.input_file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    prompts.append(json.loads(line)["prompt"])
+                except (ValueError, KeyError, TypeError):
+                    raise GlmjaxError(f"{a.input_file}:{n}: expected a JSON object with a \"prompt\"") from None
+    return prompts
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     import json
 
@@ -256,22 +279,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from glmjax.model.quant import param_bytes
     from glmjax.parallel.mesh import make_mesh
 
-    if a.prompt is not None and a.input_file:
-        raise GlmjaxError("give --prompt or --input-file, not both")
-    prompts = None
-    if a.prompt is not None:
-        prompts = [a.prompt]
-    elif a.input_file:
-        if not os.path.isfile(a.input_file):
-            raise GlmjaxError(f"input file not found: {a.input_file}")
-        prompts = []
-        with open(a.input_file, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        prompts.append(json.loads(line)["prompt"])
-                    except (ValueError, KeyError, TypeError):
-                        raise GlmjaxError(f"{a.input_file}:{n}: expected a JSON object with a \"prompt\"") from None
+    prompts = _read_prompts(a)
     gc = _generate_config(a)
     cfg = C.resolve(None, a.config, a.overrides) if a.config else None
     mesh = make_mesh(a.mesh)

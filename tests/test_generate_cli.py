@@ -93,14 +93,14 @@ def test_int8_keeps_heldout_perplexity_within_1_percent_and_int4_is_reported(run
     import jax
     import numpy as np
 
+    from glmjax.checkpoint import load_params
     from glmjax.data.objective import ObjectiveConfig
     from glmjax.infer.evaluate import heldout_loss
     from glmjax.model import api, quant
     from glmjax.parallel.mesh import make_mesh
-    from glmjax.train.loop import restore_run_params
 
     mesh = make_mesh(None)
-    cfg, params, _ = restore_run_params(str(run_dir), mesh)
+    cfg, params = load_params("run", str(run_dir), None, mesh)
     obj = ObjectiveConfig(seq_length=cfg.max_sequence_length, window=32)
     data = str(run_dir / "heldout_data")
     ppl = {"float": heldout_loss(cfg, params, mesh, data, obj, batches=4, seed=99)["perplexity"]}

@@ -131,7 +131,7 @@ def test_data_cli_prepare_and_inspect(corpus, prepared, tmp_path, capsys):
                  "--out", str(tmp_path / "p")]) == 0
     assert "tokens/s" in capsys.readouterr().out
     cfg = tmp_path / "exp.yaml"
-    cfg.write_text(f"data:\n  path: {out}\n  seed: 3\nobjective:\n  seq_length: 2048\n")
+    cfg.write_text(f"model:\n  preset: glm-130b\ndata:\n  path: {out}\n  seed: 3\nobjective:\n  seq_length: 2048\n")
     assert main(["data", "inspect", "--config", str(cfg), "--num-samples", "40", "--output",
                  str(tmp_path / "s.npz"), "objective.gpt_prob=0.5"]) == 0
     printed = capsys.readouterr().out
@@ -146,6 +146,6 @@ def test_data_cli_prepare_and_inspect(corpus, prepared, tmp_path, capsys):
                  "--out", str(tmp_path / "q")]) == 2
     assert "no documents" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "q")
-    cfg.write_text(f"data:\n  path: {out}\n  sead: 3\n")
+    cfg.write_text(f"model:\n  preset: glm-130b\ndata:\n  path: {out}\n  sead: 3\n")
     assert main(["data", "inspect", "--config", str(cfg)]) == 2
     assert "unknown data key 'sead'" in capsys.readouterr().err

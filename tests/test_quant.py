@@ -1,6 +1,7 @@
-"""GLM-130B's weight-only INT8/INT4 quantization in glmjax's layouts: the scheme against the torch-layout
-reference (engine.quantize_rows), the model on quantized parameters, GLM-130B's quantized SAT checkpoints
-read byte for byte at any tensor-parallel degree, quantization at load, memory, and bad input."""
+"""GLM-130B's weight-only INT8/INT4 quantization in glmjax's layouts: the scheme against GLM-130B's own
+(restated here in torch), int4 packing on the host and under jit, the quantized einsum and the parameter
+tree it declares, the model on quantized parameters, GLM-130B's quantized SAT checkpoints read byte for
+byte at any tensor-parallel degree, quantization at load, memory, and bad input."""
 import os
 
 import flax.linen as nn
@@ -11,6 +12,7 @@ import pytest
 import torch
 from helpers import assert_close_scaled, case_dir, load_case, split_like_convert_tp, write_sat
 
+from glmjax import checkpoint
 from glmjax import config as C
 from glmjax.convert import engine, run
 from glmjax.convert import sat as S
@@ -56,17 +58,40 @@ def torch_scale_to_jax(cfg, name, scale):
             "dense_kernel": lambda: scale, "wo_kernel": lambda: scale}[name]()
 
 
+def glm130b_quantize(w, bits):
+    """quantization/functional.py + the int4 compression, restated in torch half arithmetic."""
+    w = w.half()
+    scale = (w.abs().max(dim=-1).values / ((2 ** (bits - 1)) - 1)).half()
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    if bits == 4:
+        q = (q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)
+    return q, scale
+
+
+def glm130b_dequantize(q, scale, bits):
+    """GLM-130B's kernels restated in torch: nibbles sign-extended (w >> 4, (w << 4) >> 4), the even
+    column from the high one, times the row's half scale in half arithmetic."""
+    if bits == 4:
+        q = torch.stack([q >> 4, (q << 4) >> 4], -1).reshape(q.shape[0], -1)
+    return q.half() * scale[:, None]
+
+
+def torch_rows(cfg, name, w_jax, groups):
+    """The torch-layout matrix of a glmjax kernel, split into its scale groups (column shards of a
+    row-parallel kernel, as tools/convert_tp.py quantizes after re-sharding)."""
+    wt = kernel_rule(cfg, name).from_jax(w_jax)
+    g = groups if quant.KERNELS[name].row_parallel else 1
+    return [torch.from_numpy(np.ascontiguousarray(p)) for p in np.split(wt, g, axis=1)]
+
+
 def reference_quantize(cfg, name, w_jax, bits, groups):
-    """engine.quantize_rows on the torch-layout matrix; a row-parallel kernel per column shard (as
-    tools/convert_tp.py quantizes after re-sharding), its scales stacked [groups, out]."""
-    rule = kernel_rule(cfg, name)
-    wt = rule.from_jax(w_jax)
+    """glm130b_quantize of the torch-layout matrix (per column shard of a row-parallel kernel), in
+    glmjax's layout: scales [1, *out], or stacked [groups, out] for a row-parallel kernel."""
+    parts = [[t.numpy() for t in glm130b_quantize(p, bits)] for p in torch_rows(cfg, name, w_jax, groups)]
+    q = packed_torch_to_jax(cfg, name, np.concatenate([p[0] for p in parts], axis=1))
     if not quant.KERNELS[name].row_parallel:
-        q, s = engine.quantize_rows(wt, bits)
-        return packed_torch_to_jax(cfg, name, q), torch_scale_to_jax(cfg, name, s)
-    parts = [engine.quantize_rows(p, bits) for p in np.split(wt, groups, axis=1)]
-    q = np.concatenate([p[0] for p in parts], axis=1)
-    return packed_torch_to_jax(cfg, name, q), np.stack([p[1] for p in parts])
+        return q, torch_scale_to_jax(cfg, name, parts[0][1])
+    return q, np.stack([p[1] for p in parts])
 
 
 def random_kernel(cfg, name, seed):
@@ -92,7 +117,7 @@ def test_known_values_int8_and_int4():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("name", KERNEL_RULES)
-def test_quantize_kernel_is_quantize_rows_in_glmjax_layout(test_cfg, name, bits, groups):
+def test_quantize_kernel_is_glm130bs_scheme_in_glmjax_layout(test_cfg, name, bits, groups):
     cfg = test_cfg
     w = random_kernel(cfg, name, seed=len(name) + bits + groups)
     w[(0,) * w.ndim] = 0.0  # a zero weight and a half-way value stay exact
@@ -106,7 +131,7 @@ def test_quantize_kernel_is_quantize_rows_in_glmjax_layout(test_cfg, name, bits,
     np.testing.assert_array_equal(q, want_q)
     np.testing.assert_array_equal(s, want_s)
     # values and scales: scale = max|w| / (2^(b-1) - 1) in float16 over each group's inputs
-    vals = quant.unpack_int4_host(q, spec.n_in - 1) if bits == 4 else q
+    vals = quant.unpack_int4(q, spec.n_in - 1) if bits == 4 else q
     top = 2 ** (bits - 1) - 1
     grouped = vals.reshape((g, -1) + vals.shape[spec.n_in:])
     assert np.abs(grouped).max(axis=1).min() == top and np.abs(vals).max() <= top
@@ -114,35 +139,143 @@ def test_quantize_kernel_is_quantize_rows_in_glmjax_layout(test_cfg, name, bits,
     np.testing.assert_array_equal(s, (w16 / np.float16(top)).astype(np.float16))
 
 
-def test_int4_nibbles_round_trip_every_byte():
-    every = np.arange(-128, 128, dtype=np.int16).astype(np.int8).reshape(16, 16)
-    for axis in (0, 1):
-        vals = quant.unpack_int4_host(every, axis)
-        assert vals.min() == -8 and vals.max() == 7
-        np.testing.assert_array_equal(quant.pack_int4(vals, axis), every)
-        np.testing.assert_array_equal(np.asarray(quant.unpack_int4(jnp.asarray(every), axis)), vals)
-    # even index in the high nibble
-    np.testing.assert_array_equal(quant.unpack_int4_host(np.array([[0x7C]], np.uint8).view(np.int8), 1), [[7, -4]])
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_int4_pack_unpack_round_trip_every_byte_on_host_and_in_jit(axis):
+    """One pack/unpack pair: numpy in, numpy out on the host; jax in, the same values out under jit."""
+    every = np.arange(-128, 128, dtype=np.int16).astype(np.int8).reshape(4, 8, 8)
+    vals = quant.unpack_int4(every, axis)
+    assert isinstance(vals, np.ndarray) and vals.dtype == np.int8
+    assert vals.min() == -8 and vals.max() == 7
+    assert vals.shape[axis % 3] == 2 * every.shape[axis % 3]
+    packed = quant.pack_int4(vals, axis)
+    assert isinstance(packed, np.ndarray) and packed.dtype == np.int8
+    np.testing.assert_array_equal(packed, every)
+    even, odd = quant.unpack_int4(every, axis, halves=True)
+    np.testing.assert_array_equal(even, np.take(vals, np.arange(0, vals.shape[axis], 2), axis))
+    np.testing.assert_array_equal(odd, np.take(vals, np.arange(1, vals.shape[axis], 2), axis))
+
+    jit_vals, jit_even, jit_odd, jit_packed = jax.jit(lambda b: (
+        quant.unpack_int4(b, axis), *quant.unpack_int4(b, axis, halves=True),
+        quant.pack_int4(quant.unpack_int4(b, axis), axis)))(jnp.asarray(every))
+    assert isinstance(jit_vals, jax.Array) and jit_vals.dtype == jnp.int8 and jit_packed.dtype == jnp.int8
+    for got, want in ((jit_vals, vals), (jit_even, even), (jit_odd, odd), (jit_packed, every)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_int4_nibble_order_is_glm130bs():
+    # even index in the high nibble, sign-extended; a uint8 view of the bytes reads the same
+    np.testing.assert_array_equal(quant.unpack_int4(np.array([[0x7C]], np.uint8), 1), [[7, -4]])
+    np.testing.assert_array_equal(quant.pack_int4(np.array([[7, -4], [-8, 1]], np.int8), 1).view(np.uint8),
+                                  [[0x7C], [0x81]])
+    with pytest.raises(ConfigError, match="int4 packing needs an even axis 1"):
+        quant.pack_int4(np.zeros((2, 3), np.int8), 1)
 
 
 # --- (b) dequantization --------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("name", KERNEL_RULES)
-def test_dequantize_kernel_is_dequantize_rows_bitwise(test_cfg, name, bits, groups):
+def test_dequantize_kernel_is_glm130bs_dequantization_bitwise(test_cfg, name, bits, groups):
     cfg = test_cfg
     rule = kernel_rule(cfg, name)
     w = random_kernel(cfg, name, seed=100 + len(name) + bits + groups)
     q, s = quant.quantize_kernel(w, name, bits, groups)
-    got = np.asarray(quant.dequantize_kernel(jnp.asarray(q), jnp.asarray(s), name, bits, jnp.float16))
+    got = np.asarray(jax.jit(lambda a, b: quant.dequantize_kernel(a, b, name, bits, jnp.float16))(q, s))
     assert got.dtype == np.float16 and got.shape == w.shape
-    wt = rule.from_jax(w)
-    g = groups if quant.KERNELS[name].row_parallel else 1
-    want = np.concatenate([engine.dequantize_rows(*engine.quantize_rows(p, bits), bits)
-                           for p in np.split(wt, g, axis=1)], axis=1)
+    want = np.concatenate([glm130b_dequantize(*glm130b_quantize(p, bits), bits).numpy()
+                           for p in torch_rows(cfg, name, w, groups)], axis=1)
     np.testing.assert_array_equal(rule.from_jax(got).view(np.uint16), want.view(np.uint16))
-    f32 = np.asarray(quant.dequantize_kernel(q, s, name, bits, jnp.float32))
+    host = quant.dequantize_kernel(q, s, name, bits, np.float16)  # numpy in: numpy on the host, same bits
+    assert isinstance(host, np.ndarray)
+    np.testing.assert_array_equal(host.view(np.uint16), got.view(np.uint16))
+    f32 = np.asarray(quant.dequantize_kernel(jnp.asarray(q), jnp.asarray(s), name, bits, jnp.float32))
     np.testing.assert_array_equal(f32, got.astype(np.float32))  # float16 product, then the compute dtype
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rows_are_the_same_scheme_in_torch_layout(bits):
+    """quantize_rows / dequantize_rows (SAT's [out, in] shards) against GLM-130B's, bytes and scales."""
+    w = torch.randn(12, 10, generator=torch.Generator().manual_seed(bits)) * torch.linspace(0.1, 3, 12)[:, None]
+    q, s = quant.quantize_rows(w.numpy(), bits)
+    want_q, want_s = glm130b_quantize(w, bits)
+    np.testing.assert_array_equal(q, want_q.numpy())
+    np.testing.assert_array_equal(s, want_s.numpy())
+    back = quant.dequantize_rows(q, s, bits)
+    assert back.dtype == np.float16 and back.shape == (12, 10)
+    want = glm130b_dequantize(want_q, want_s, bits).numpy()
+    np.testing.assert_array_equal(back.view(np.uint16), want.view(np.uint16))
+
+
+# --- (b') the quantized einsum and the parameters it declares ----------------------------------
+EQUATIONS = {"qkv_kernel": "bse,ehtd->bshtd", "dense_kernel": "bqhd,hde->bqe", "wi_kernel": "bse,etf->bstf",
+             "wo_kernel": "bsf,fe->bse"}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("name", KERNEL_RULES)
+def test_quant_einsum_is_einsum_with_the_dequantized_kernel(test_cfg, name, bits, groups):
+    eq = EQUATIONS[name]
+    w = random_kernel(test_cfg, name, seed=200 + len(name) + bits + groups)
+    q, s = quant.quantize_kernel(w, name, bits, groups)
+    x_axes, k_axes = eq.split("->")[0].split(",")
+    sizes = dict(zip(k_axes, w.shape)) | {"b": 2, "s": 3, "q": 3}
+    x = np.random.default_rng(bits + groups).standard_normal([sizes[a] for a in x_axes]).astype(np.float32)
+    layer = quant.QuantEinsum(name, bits, jnp.float32, jnp.asarray(q), jnp.asarray(s))
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(jax.jit(lambda v: layer(eq, v))(x))
+        want = np.asarray(jnp.einsum(eq, x, quant.dequantize_kernel(q, s, name, bits, jnp.float32)))
+    assert got.shape == want.shape
+    if bits == 8:
+        np.testing.assert_array_equal(got, want)
+    else:  # int4: the even and odd inputs contract separately, then add -- only the summation order differs
+        assert_close_scaled(got, want, rel=1e-6)
+    with jax.default_matmul_precision("highest"):
+        plain = quant.QuantEinsum(name, 0, jnp.float32, jnp.asarray(w))(eq, x)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(jnp.einsum(eq, x, w)))
+
+
+def test_int4_einsum_must_contract_the_packed_axis():
+    q, s = quant.quantize_kernel(np.ones((4, 6), np.float32), "wo_kernel", 4)
+    with pytest.raises(ConfigError, match="must contract x's last axis with the kernel's packed axis 0"):
+        quant.QuantEinsum("wo_kernel", 4, jnp.float32, jnp.asarray(q), jnp.asarray(s))("bf,ef->be", jnp.ones((1, 6)))
+
+
+def kernel_params(cfg):
+    """(path, shape, dtype, logical axes) of the kernel parameters GLM(cfg) declares."""
+    boxed = api.abstract_params(cfg)
+    leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    return sorted(("/".join(k.key for k in path), tuple(leaf.value.shape), str(leaf.value.dtype), tuple(leaf.names))
+                  for path, leaf in leaves if "kernel" in path[-1].key)
+
+
+def test_parameter_tree_of_the_linear_kernels(test_cfg):
+    """Names, shapes, dtypes and logical axes as checkpoints, sharding rules and conversion know them
+    (glm-test: 2 layers, hidden 64, 8 heads of 8, GeGLU 128)."""
+    L, A, M = ("layers",), "layers/attention/", "layers/mlp/"
+    assert kernel_params(test_cfg) == sorted([
+        (A + "dense_kernel", (2, 8, 8, 64), "float32", L + ("heads", "kv", "embed")),
+        (A + "qkv_kernel", (2, 64, 8, 3, 8), "float32", L + ("embed", "heads", None, "kv")),
+        (M + "wi_kernel", (2, 64, 2, 128), "float32", L + ("embed", None, "mlp")),
+        (M + "wo_kernel", (2, 128, 64), "float32", L + ("mlp", "embed"))])
+    assert kernel_params(test_cfg.replace(quantization_bits=8, quantization_groups=2)) == sorted([
+        (A + "dense_kernel_q", (2, 8, 8, 64), "int8", L + ("heads", "kv", "embed")),
+        (A + "dense_kernel_scale", (2, 2, 64), "float16", L + (None, "embed")),
+        (A + "qkv_kernel_q", (2, 64, 8, 3, 8), "int8", L + ("embed", "heads", None, "kv")),
+        (A + "qkv_kernel_scale", (2, 1, 8, 3, 8), "float16", L + (None, "heads", None, "kv")),
+        (M + "wi_kernel_q", (2, 64, 2, 128), "int8", L + ("embed", None, "mlp")),
+        (M + "wi_kernel_scale", (2, 1, 2, 128), "float16", L + (None, None, "mlp")),
+        (M + "wo_kernel_q", (2, 128, 64), "int8", L + ("mlp", "embed")),
+        (M + "wo_kernel_scale", (2, 2, 64), "float16", L + (None, "embed"))])
+    assert kernel_params(test_cfg.replace(quantization_bits=4, glu=False)) == sorted([
+        (A + "dense_kernel_q", (2, 8, 4, 64), "int8", L + ("heads", "kv", "embed")),
+        (A + "dense_kernel_scale", (2, 1, 64), "float16", L + (None, "embed")),
+        (A + "qkv_kernel_q", (2, 32, 8, 3, 8), "int8", L + ("embed", "heads", None, "kv")),
+        (A + "qkv_kernel_scale", (2, 1, 8, 3, 8), "float16", L + (None, "heads", None, "kv")),
+        (M + "wi_kernel_q", (2, 32, 128), "int8", L + ("embed", "mlp")),
+        (M + "wi_kernel_scale", (2, 1, 128), "float16", L + (None, "mlp")),
+        (M + "wo_kernel_q", (2, 64, 64), "int8", L + ("mlp", "embed")),
+        (M + "wo_kernel_scale", (2, 1, 64), "float16", L + (None, "embed"))])
 
 
 # --- (c) the model on quantized parameters ------------------------------------------------------
@@ -170,16 +303,6 @@ def test_quantized_forward_is_the_forward_of_the_dequantized_weights(tiny, bits,
 
 
 # --- (d) GLM-130B's quantized SAT checkpoints ---------------------------------------------------
-def glm130b_quantize(w, bits):
-    """quantization/functional.py + the int4 compression, restated in torch half arithmetic."""
-    w = w.half()
-    scale = (w.abs().max(dim=-1).values / ((2 ** (bits - 1)) - 1)).half()
-    q = torch.round(w / scale[:, None]).to(torch.int8)
-    if bits == 4:
-        q = (q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)
-    return q, scale
-
-
 def quantize_state_dict(sd, cfg, bits, keys=None):
     """tools/convert_tp.py --quantization-bit-width on one rank's state dict (all or some `keys`)."""
     out = dict(sd)
@@ -251,7 +374,7 @@ def test_load_params_quantized_sat_equals_the_dequantized_float_path(tmp_path, t
     mesh = make_mesh(mesh_spec, jax.devices()[:2])  # int4 packs the 170-wide MLP axis to 85: no tensor split
     S.write_sat_checkpoint(str(tmp_path / "q"), S.sat_source(os.path.join(TINY, "ckpt_tp1"), cfg), cfg, tp,
                          quantize_bits=bits)
-    qcfg, params = run.load_params("sat", str(tmp_path / "q"), cfg, mesh, quantize=f"int{bits}")
+    qcfg, params = checkpoint.load_params("sat", str(tmp_path / "q"), cfg, mesh, quantize=f"int{bits}")
     assert (qcfg.quantization_bits, qcfg.quantization_groups) == (bits, tp)
     assert params["layers"]["mlp"]["wo_kernel_q"].dtype == jnp.int8
     assert_trees_equal(jax.device_get(params), quant.quantize_params(float_params, bits, tp))
@@ -264,20 +387,20 @@ def test_float_checkpoints_are_quantized_at_load(tmp_path, tiny):
     """SAT (tp2) and orbax float checkpoints -> GLM-130B's scheme with one scale group, on the host."""
     cfg, _, float_params = tiny
     mesh = make_mesh("tensor=2", jax.devices()[:2])
-    qcfg, params = run.load_params("sat", os.path.join(TINY, "ckpt_tp2"), cfg, mesh, quantize="int8")
+    qcfg, params = checkpoint.load_params("sat", os.path.join(TINY, "ckpt_tp2"), cfg, mesh, quantize="int8")
     assert (qcfg.quantization_bits, qcfg.quantization_groups) == (8, 1)
     assert_trees_equal(jax.device_get(params), quant.quantize_params(float_params, 8, 1))
     run.convert(f"sat:{os.path.join(TINY, 'ckpt_tp1')}", f"orbax:{tmp_path / 'ox'}", cfg=cfg)
     mesh1 = make_mesh("fsdp=2", jax.devices()[:2])
-    qcfg, params = run.load_params("orbax", str(tmp_path / "ox"), None, mesh1, quantize="int4")
+    qcfg, params = checkpoint.load_params("orbax", str(tmp_path / "ox"), None, mesh1, quantize="int4")
     assert (qcfg.quantization_bits, qcfg.quantization_groups) == (4, 1)
     assert_trees_equal(jax.device_get(params), quant.quantize_params(float_params, 4, 1))
     # a config that asks for int4 is the same request
-    qcfg2, params2 = run.load_params("orbax", str(tmp_path / "ox"), qcfg, mesh1)
+    qcfg2, params2 = checkpoint.load_params("orbax", str(tmp_path / "ox"), qcfg, mesh1)
     assert qcfg2 == qcfg
     assert_trees_equal(jax.device_get(params2), jax.device_get(params))
     # without quantize: today's float parameters
-    fcfg, fparams = run.load_params("sat", os.path.join(TINY, "ckpt_tp2"), cfg, mesh)
+    fcfg, fparams = checkpoint.load_params("sat", os.path.join(TINY, "ckpt_tp2"), cfg, mesh)
     assert fcfg == cfg and fparams["layers"]["mlp"]["wo_kernel"].dtype == jnp.float32
 
 
@@ -328,7 +451,7 @@ def test_checkpoint_with_inconsistent_bits(tmp_path, tiny, mix, fragment):
             q[key], q[key + "_scale"] = glm130b_quantize(sd[key], bits)
     write_sat(str(tmp_path / "q"), [q])
     for call in (lambda: S.read_sat_quantized(str(tmp_path / "q"), cfg),
-                 lambda: run.load_params("sat", str(tmp_path / "q"), cfg, make_mesh(), quantize="int8")):
+                 lambda: checkpoint.load_params("sat", str(tmp_path / "q"), cfg, make_mesh(), quantize="int8")):
         with pytest.raises(CheckpointError) as e:
             call()
         one_line(e, fragment)
@@ -338,16 +461,17 @@ def test_quantized_checkpoint_asked_for_another_width(tmp_path, tiny):
     cfg = tiny[0]
     write_sat(str(tmp_path / "q"), [quantize_state_dict(tiny_state_dict(), cfg, 8)])
     with pytest.raises(CheckpointError) as e:
-        run.load_params("sat", str(tmp_path / "q"), cfg, make_mesh(), quantize="int4")
+        checkpoint.load_params("sat", str(tmp_path / "q"), cfg, make_mesh(), quantize="int4")
     one_line(e, "is quantized to int8; it cannot be loaded as int4")
     with pytest.raises(GlmjaxError) as e:
-        run.load_params("sat", str(tmp_path / "q"), cfg, make_mesh(), quantize="int3")
+        checkpoint.load_params("sat", str(tmp_path / "q"), cfg, make_mesh(), quantize="int3")
     one_line(e, "quantize must be int8 or int4")
     with pytest.raises(GlmjaxError) as e:
-        run.load_params("sat", str(tmp_path / "q"), cfg.replace(quantization_bits=4), make_mesh(), quantize="int8")
+        checkpoint.load_params("sat", str(tmp_path / "q"), cfg.replace(quantization_bits=4), make_mesh(),
+                               quantize="int8")
     one_line(e, "the config asks for int4 weights but int8 was requested")
     # without quantize a quantized checkpoint still reads as float (dequantized shard by shard)
-    fcfg, params = run.load_params("sat", str(tmp_path / "q"), cfg, make_mesh())
+    fcfg, params = checkpoint.load_params("sat", str(tmp_path / "q"), cfg, make_mesh())
     assert fcfg == cfg and params["layers"]["attention"]["qkv_kernel"].dtype == jnp.float32
 
 

@@ -160,9 +160,10 @@ def test_float16_with_glm130bs_initial_scale_65536_trains_from_the_first_step():
 
 
 def test_an_update_that_would_make_parameters_non_finite_is_skipped():
-    """A NaN weight decay reaches no parameter: the update is skipped like an overflowing gradient."""
+    """An infinite learning rate (which the experiment schema refuses; a library user can still pass
+    one) reaches no parameter: the update is skipped like an overflowing gradient."""
     cfg = C.resolve("glm-test", overrides={"hidden_dropout": 0.0, "attention_dropout": 0.0})
-    oc = optim.OptimConfig(lr=1e-3, min_lr=1e-4, rampup_batch_size=None, global_batch=4, weight_decay=float("nan"))
+    oc = optim.OptimConfig(lr=float("inf"), min_lr=1e-4, warmup_samples=0, rampup_batch_size=None, global_batch=4)
     lc = precision.LossScaleConfig()
     mesh = make_mesh(None)
     state = S.init_state(cfg, init_params(cfg, jax.random.key(0), mesh), oc, lc, 0, mesh)

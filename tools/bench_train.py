@@ -4,12 +4,12 @@
         [--config FILE.json] [key=value ...] [--mesh data=2,fsdp=2,tensor=2] [--micro-steps 1] \\
         [--remat none|full|dots|dots_no_batch] [--steps 10] [--warmup 2] [--peak-tflops T] [--json-out F]
 
-The step is glmjax.train.step.make_train_step (micro-batch accumulation, float32 master weights,
-compute in --dtype, loss scaling for float16, clipping, AdamW), compiled ahead of time so that the
-compile time is reported apart from the step times. Batches have the trainer's layout ([micro-steps,
-micro-batch, seq] tokens, targets, loss_mask, position_ids, prefix_mask, segment_ids; a [gMASK]-style
-sequence: bidirectional first half, generated second half) and stay on the devices between steps, so
-the figures are the step alone, without data loading.
+The step is glmjax.train.step.TrainStep (micro-batch accumulation, float32 master weights, compute
+in --dtype, loss scaling for float16, clipping, AdamW), whose two programs are compiled ahead of time
+when it is built, so the compile time is reported apart from the step times. Micro-batches have the
+trainer's layout ([micro-batch, seq] tokens, targets, loss_mask, position_ids, prefix_mask,
+segment_ids; a [gMASK]-style sequence: bidirectional first half, generated second half) and stay on
+the devices between steps, so the figures are the step alone, without data loading.
 
 MFU = model_flops_per_token(cfg, seq) x tokens per step / step time / (peak x devices), with
 glmjax.train.loop's PaLM/MaxText accounting (rematerialisation not counted). The peak per device is
@@ -37,7 +37,6 @@ import numpy as np
 from glmjax import config as C
 from glmjax.errors import GlmjaxError, InputError, MeshError
 from glmjax.model.api import init_params
-from glmjax.parallel import rules
 from glmjax.parallel.mesh import make_mesh
 from glmjax.train import optim, precision
 from glmjax.train import step as S
@@ -166,38 +165,20 @@ def run(a: argparse.Namespace, log=print) -> dict[str, Any]:
     global_batch = a.micro_batch * a.micro_steps
     oc = optim.OptimConfig(rampup_batch_size=None, global_batch=global_batch)
     lc = precision.LossScaleConfig()
-    state = S.init_state(cfg, params, oc, lc, a.seed)
+    state = S.init_state(cfg, params, oc, lc, a.seed, mesh)
     del params
-    step_fn = S.make_train_step(cfg, oc, lc, mesh, state)
-    host = synthetic_batch(cfg, a.micro_steps, a.micro_batch, seq, a.seed)
-    batch = {k: jax.make_array_from_process_local_data(
-        rules.named(mesh, None, "batch", *((None,) * (v.ndim - 2))), v) for k, v in host.items()}
-    args = (jnp.asarray(a.micro_steps, jnp.int32), jnp.asarray(oc.lr, jnp.float32),
-            jnp.asarray(cfg.embedding_grad_shrink, jnp.float32))
-
     t0 = time.perf_counter()
-    try:
-        with jax.set_mesh(mesh):
-            compiled = step_fn.jitted.lower(state, batch, *args).compile()
-    except ValueError as e:  # make_train_step's batch shardings and 2-D positions disagreeing, say
-        if "position_ids" not in str(e):
-            raise
-        raise InputError(f"the training step rejects position_ids of shape {host['position_ids'].shape} "
-                         f"({'2-D' if cfg.position_encoding_2d else '1-D'} rotary): {str(e).splitlines()[0][:200]}"
-                         ) from None
+    step_fn = S.TrainStep(cfg, oc, lc, mesh, a.micro_batch, seq)
     compile_s = time.perf_counter() - t0
-    compiled_bytes = None
-    try:
-        ma = compiled.memory_analysis()
-        compiled_bytes = int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-                             + ma.temp_size_in_bytes)
-    except Exception:  # not every backend reports it
-        pass
+    compiled_bytes = step_fn.memory_bytes()
+    host = synthetic_batch(cfg, a.micro_steps, a.micro_batch, seq, a.seed)
+    micro = [{k: jax.device_put(v[j], step_fn.batch_shardings[k]) for k, v in host.items()}
+             for j in range(a.micro_steps)]
+    alpha = cfg.egs_alpha_at(0)
 
     def one_step(state):
         t = time.perf_counter()
-        with jax.set_mesh(mesh):
-            state, metrics = compiled(state, batch, *args)
+        state, metrics = step_fn(state, micro, a.micro_steps, alpha)
         jax.block_until_ready((state, metrics))
         return state, metrics, time.perf_counter() - t
 

@@ -1,5 +1,6 @@
 """The one conversion engine: declarative per-family tables of tensor rules, GLM-130B's
-tensor-parallel merge/split rules, and GLM-130B's weight-only quantization, shared by every format.
+tensor-parallel merge/split rules, shared by every format (GLM-130B's weight-only quantization lives in
+glmjax/model/quant.py, the one home of that scheme).
 
 A rule maps one external tensor (torch layout, [out, in]) to one glmjax parameter (a path into the
 pytree, layers stacked on axis 0). Formats only decide where bytes live; what a tensor *is* lives
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from glmjax.config import GLMConfig
-from glmjax.errors import CheckpointError
+from glmjax.model import quant
 
 Path = tuple[str, ...]
 Piece = tuple[tuple[slice, ...], np.ndarray]  # where in the glmjax-layout tensor, and its values
@@ -57,8 +58,7 @@ class TensorRule:
     holds [its value rows; its gate rows]) or 'replicated'. to_jax/from_jax convert between the
     torch layout and glmjax's layout, of the whole tensor or of one rank's shard: in glmjax's layout
     every split, GeGLU's included, is a plain cut along jax_axis, so merging shards is concatenating
-    their to_jax along it and splitting is from_jax of equal pieces. quantizable: one of the four
-    linear weights of a block that GLM-130B stores as int8/int4 with a per-row scale.
+    their to_jax along it and splitting is from_jax of equal pieces.
     """
 
     name: str  # external key, with {i} for the layer index
@@ -68,7 +68,12 @@ class TensorRule:
     jax_axis: int | None  # the glmjax-layout axis that the tensor-parallel split cuts (None: replicated)
     to_jax: Callable[[np.ndarray], np.ndarray]  # shape-agnostic: works on one rank's shard too
     from_jax: Callable[[np.ndarray], np.ndarray]
-    quantizable: bool = False
+
+    @property
+    def quantizable(self) -> bool:
+        """One of the four linear weights of a block (quant.KERNELS) that GLM-130B stores as int8/int4
+        with a per-row scale."""
+        return self.path[-1] in quant.KERNELS
 
     @property
     def per_layer(self) -> bool:
@@ -125,37 +130,6 @@ def shard_from_jax(rule: TensorRule, read: Callable[[tuple[slice, ...]], np.ndar
 def jax_shape(rule: TensorRule) -> tuple[int, ...]:
     """Shape of the whole tensor in glmjax's layout."""
     return rule.to_jax(np.empty(rule.shape, np.uint8)).shape
-
-
-# --- GLM-130B weight-only quantization (quantization/functional.py, kernels) ---------------------
-def quantize_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row absmax: scale = max|row| / (2^(b-1) - 1) in float16, q = round(w / scale).
-
-    Computed in float16 arithmetic as GLM-130B does on its fp16 weights; int4 values are packed two
-    per byte with the even column in the high nibble. Returns (int8 array, float16 scale [rows]).
-    """
-    if bits not in (4, 8):
-        raise CheckpointError(f"quantization bit width must be 4 or 8, got {bits}")
-    w16 = np.asarray(w).astype(np.float16)
-    scale = (np.abs(w16).max(axis=-1) / np.float16(2 ** (bits - 1) - 1)).astype(np.float16)
-    safe = np.where(scale == 0, np.float16(1), scale)
-    q = np.round(w16 / safe[:, None]).astype(np.int8)
-    if bits == 4:
-        if q.shape[1] % 2:
-            raise CheckpointError(f"int4 packing needs an even number of columns, got {q.shape[1]}")
-        hi, lo = q[:, 0::2].astype(np.uint8), q[:, 1::2].astype(np.uint8)
-        q = ((hi << 4) | (lo & 0xF)).astype(np.uint8).view(np.int8)
-    return q, scale
-
-
-def dequantize_rows(q: np.ndarray, scale: np.ndarray, bits: int, out_dtype: Any = np.float16) -> np.ndarray:
-    """Inverse of quantize_rows (sign-extending int4 nibbles), times the float16 row scale."""
-    q = np.asarray(q, np.int8)
-    if bits == 4:
-        hi = q >> 4  # arithmetic shift keeps the sign
-        lo = (q << 4).astype(np.int8) >> 4
-        q = np.stack([hi, lo], -1).reshape(q.shape[0], -1)
-    return (q.astype(np.float16) * np.asarray(scale, np.float16)[:, None]).astype(out_dtype)
 
 
 class TreeBuilder:

@@ -142,7 +142,7 @@ def _source_of(paths: list[str], shards: list[tuple[TorchZipReader, dict[str, An
         key = rule.key(i)
         t = reader.read(sd[key])
         if rule.quantizable and t.dtype == np.int8:
-            t = engine.dequantize_rows(t, reader.read(sd[key + "_scale"]), _quant_bits(rule, t.shape, tp))
+            t = quant.dequantize_rows(t, reader.read(sd[key + "_scale"]), _quant_bits(rule, t.shape, tp))
         return t
 
     def pieces(param: engine.Path, i: int | None) -> Iterator[engine.Piece]:
@@ -248,11 +248,11 @@ def _merged_quantized(rule: TensorRule, scale_rule: TensorRule | None, i: int | 
             raise CheckpointError(f"{paths[rank]}: {key}_scale is {st.dtype} {list(st.shape)}, expected "
                                   f"float16 [{rows}] (one scale per shard row)")
         q = reader.read(sd[key])
-        qs.append(quant.unpack_int4_host(q, 1) if bits == 4 else q)  # packed along the input columns
+        qs.append(quant.unpack_int4(q, 1) if bits == 4 else q)  # packed along the input columns
         scales.append(reader.read(st))
     q = engine.merge_to_jax(rule, qs)
     if bits == 4:
-        q = quant.pack_int4(q, spec.n_in - 1)
+        q = quant.pack_int4(q, spec.pack_axis)
     if spec.row_parallel:  # each rank's scales cover its part of the input: one group per rank
         scale = np.stack(scales)
     else:  # whole rows in every rank: the scales follow the rows, laid out as the bias is
@@ -349,7 +349,7 @@ def write_sat_checkpoint(out_dir: str, source: Source, cfg: GLMConfig, tp: int, 
             for r, f in enumerate(files):
                 part = engine.shard_from_jax(rule, read, shape, tp, r)
                 if quantized(rule):
-                    q, scale = engine.quantize_rows(part, quantize_bits)
+                    q, scale = quant.quantize_rows(part, quantize_bits, rule.key(i))
                     f.write(index, q)
                     f.write(index + 1, scale)
                 else:

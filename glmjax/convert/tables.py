@@ -2,7 +2,8 @@
 Hugging Face files, each listing tensors in its format's own state-dict order.
 
 Transforms are written shape-agnostically (-1 where a tensor-parallel cut changes the size) so the
-same rule converts a whole tensor or one rank's shard.
+same rule converts a whole tensor or one rank's shard. Which of these tensors are quantizable is not
+stated here: TensorRule.quantizable reads it from glmjax.model.quant.KERNELS.
 """
 from __future__ import annotations
 
@@ -26,29 +27,29 @@ def _glm_layer_rules(cfg: GLMConfig, mlp_order: tuple[str, str]) -> dict[str, li
             # rows are [head][q|k|v][head_dim]: glmjax keeps that grouping, input dim first
             TensorRule(lay + "attention.query_key_value.weight", att + ("qkv_kernel",), (3 * h, h), "rows", 1,
                        lambda w: w.reshape(-1, 3, d, h).transpose(3, 0, 1, 2),
-                       lambda k: k.transpose(1, 2, 3, 0).reshape(-1, h), quantizable=True),
+                       lambda k: k.transpose(1, 2, 3, 0).reshape(-1, h)),
             TensorRule(lay + "attention.query_key_value.bias", att + ("qkv_bias",), (3 * h,), "rows", 0,
                        lambda b: b.reshape(-1, 3, d), lambda b: b.reshape(-1)),
             TensorRule(lay + "attention.dense.weight", att + ("dense_kernel",), (h, h), "cols", 0,
-                       lambda w: w.T.reshape(-1, d, h), lambda k: k.reshape(-1, h).T, quantizable=True),
+                       lambda w: w.T.reshape(-1, d, h), lambda k: k.reshape(-1, h).T),
             TensorRule(lay + "attention.dense.bias", att + ("dense_bias",), (h,), "replicated", None, ident, ident)],
         "post_attention_layernorm": norm("post_attention_layernorm"),
         "dense_4h_to_h": [
             TensorRule(lay + "mlp.dense_4h_to_h.weight", mlp + ("wo_kernel",), (h, f), "cols", 0,
-                       lambda w: w.T, lambda k: k.T, quantizable=True),
+                       lambda w: w.T, lambda k: k.T),
             TensorRule(lay + "mlp.dense_4h_to_h.bias", mlp + ("wo_bias",), (h,), "replicated", None, ident, ident)],
     }
     if cfg.glu:  # rows are [value rows; gate rows], of the whole tensor and of each rank's shard
         rules["dense_h_to_4h"] = [
             TensorRule(lay + "mlp.dense_h_to_4h.weight", mlp + ("wi_kernel",), (2 * f, h), "glu", 2,
                        lambda w: w.reshape(2, -1, h).transpose(2, 0, 1),
-                       lambda k: k.transpose(1, 2, 0).reshape(-1, h), quantizable=True),
+                       lambda k: k.transpose(1, 2, 0).reshape(-1, h)),
             TensorRule(lay + "mlp.dense_h_to_4h.bias", mlp + ("wi_bias",), (2 * f,), "glu", 1,
                        lambda b: b.reshape(2, -1), lambda b: b.reshape(-1))]
     else:
         rules["dense_h_to_4h"] = [
             TensorRule(lay + "mlp.dense_h_to_4h.weight", mlp + ("wi_kernel",), (f, h), "rows", 1,
-                       lambda w: w.T, lambda k: k.T, quantizable=True),
+                       lambda w: w.T, lambda k: k.T),
             TensorRule(lay + "mlp.dense_h_to_4h.bias", mlp + ("wi_bias",), (f,), "rows", 0, ident, ident)]
     order = ["input_layernorm", "attention", "post_attention_layernorm", *mlp_order]
     return {k: rules[k] for k in order}

@@ -45,29 +45,13 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def _kernel(module: nn.Module, name: str, init, shape, axes, cfg: GLMConfig) -> Array | tuple[Array, Array]:
-    """A linear kernel in the compute dtype: the float parameter, or -- with quantization_bits --
-    its int8 `<name>_q` and float16 `<name>_scale`, dequantized here (inside the layer scan)."""
-    cdt = dtype_of(cfg.dtype)
-    if not cfg.quantization_bits:
-        return _param(module, name, init, shape, axes, dtype_of(cfg.param_dtype)).astype(cdt)
-    q_shape, s_shape = quant.quantized_shapes(name, shape, cfg.quantization_bits, cfg.quantization_groups)
-    n_in = quant.KERNELS[name].n_in
-    q = _param(module, name + "_q", nn.initializers.zeros, q_shape, axes, jnp.int8)
-    scale = _param(module, name + "_scale", nn.initializers.ones, s_shape, (None,) + tuple(axes[n_in:]),
-                   jnp.float16)
-    if cfg.quantization_bits == 4:
-        return quant.dequantize_int4_halves(q, scale, name, cdt)
-    return quant.dequantize_kernel(q, scale, name, cfg.quantization_bits, cdt)
-
-
-def _contract(equation: str, x: Array, w: Array | tuple[Array, Array]) -> Array:
-    """einsum of an activation with a kernel from _kernel. An int4 kernel arrives as its even- and
-    odd-input halves (packing runs along the input axis that is x's last): each half contracts
-    with the matching half of x."""
-    if isinstance(w, tuple):
-        return jnp.einsum(equation, x[..., 0::2], w[0]) + jnp.einsum(equation, x[..., 1::2], w[1])
-    return jnp.einsum(equation, x, w)
+def _linear(module: nn.Module, name: str, init, shape, axes) -> quant.QuantEinsum:
+    """Linear kernel `name` of `module` (which has a cfg): float, or int8/int4 with the config's
+    quantization_bits, as a quant.QuantEinsum called with (equation, x)."""
+    cfg: GLMConfig = module.cfg
+    return quant.QuantEinsum.declare(module, name, init, shape, axes, bits=cfg.quantization_bits,
+                                     groups=cfg.quantization_groups, param_dtype=dtype_of(cfg.param_dtype),
+                                     dtype=dtype_of(cfg.dtype))
 
 
 class LayerNorm(nn.Module):
@@ -199,13 +183,13 @@ class SelfAttention(nn.Module):
             w = _xavier_normal(1.0, (0,), (1, 2, 3))(key, shape, jnp.float32)
             return w.at[:, :, 2].multiply(beta).astype(dtype)
 
-        wqkv = _kernel(self, "qkv_kernel", qkv_init, (h, nh, 3, d), ("embed", "heads", None, "kv"), cfg)
+        wqkv = _linear(self, "qkv_kernel", qkv_init, (h, nh, 3, d), ("embed", "heads", None, "kv"))
         bqkv = _param(self, "qkv_bias", nn.initializers.zeros, (nh, 3, d), ("heads", None, "kv"), pdt)
-        wo = _kernel(self, "dense_kernel", _xavier_normal(beta, (0, 1), (2,)), (nh, d, h),
-                     ("heads", "kv", "embed"), cfg)
+        wo = _linear(self, "dense_kernel", _xavier_normal(beta, (0, 1), (2,)), (nh, d, h),
+                     ("heads", "kv", "embed"))
         bo = _param(self, "dense_bias", nn.initializers.zeros, (h,), ("embed",), pdt)
 
-        qkv = _contract("bse,ehtd->bshtd", x, wqkv) + bqkv.astype(cdt)
+        qkv = wqkv("bse,ehtd->bshtd", x) + bqkv.astype(cdt)
         qkv = nn.with_logical_constraint(qkv, ("batch", "length", "heads", None, "kv"))
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         q = apply_rotary(q, position_ids, cfg)
@@ -227,7 +211,7 @@ class SelfAttention(nn.Module):
         probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cdt), v)
         ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
-        out = _contract("bqhd,hde->bqe", ctx, wo) + bo.astype(cdt)
+        out = wo("bqhd,hde->bqe", ctx) + bo.astype(cdt)
         return out, (k, v)
 
 
@@ -243,21 +227,21 @@ class MLP(nn.Module):
         cdt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         beta = (2.0 * cfg.num_layers) ** -0.5
         if cfg.glu:
-            wi = _kernel(self, "wi_kernel", _xavier_normal(beta, (0,), (1, 2)), (h, 2, f),
-                         ("embed", None, "mlp"), cfg)
+            wi = _linear(self, "wi_kernel", _xavier_normal(beta, (0,), (1, 2)), (h, 2, f),
+                         ("embed", None, "mlp"))
             bi = _param(self, "wi_bias", nn.initializers.zeros, (2, f), (None, "mlp"), pdt)
-            hh = _contract("bse,etf->bstf", x, wi) + bi.astype(cdt)
+            hh = wi("bse,etf->bstf", x) + bi.astype(cdt)
             hh = nn.with_logical_constraint(hh, ("batch", "length", None, "mlp"))
             act = hh[..., 0, :] * jax.nn.gelu(hh[..., 1, :], approximate=False)
         else:
-            wi = _kernel(self, "wi_kernel", _xavier_normal(beta), (h, f), ("embed", "mlp"), cfg)
+            wi = _linear(self, "wi_kernel", _xavier_normal(beta), (h, f), ("embed", "mlp"))
             bi = _param(self, "wi_bias", nn.initializers.zeros, (f,), ("mlp",), pdt)
-            hh = _contract("bse,ef->bsf", x, wi) + bi.astype(cdt)
+            hh = wi("bse,ef->bsf", x) + bi.astype(cdt)
             act = jax.nn.gelu(hh, approximate=True)
         act = nn.with_logical_constraint(act, ("batch", "length", "mlp"))
-        wo = _kernel(self, "wo_kernel", _xavier_normal(beta), (f, h), ("mlp", "embed"), cfg)
+        wo = _linear(self, "wo_kernel", _xavier_normal(beta), (f, h), ("mlp", "embed"))
         bo = _param(self, "wo_bias", nn.initializers.zeros, (h,), ("embed",), pdt)
-        return _contract("bsf,fe->bse", act, wo) + bo.astype(cdt)
+        return wo("bsf,fe->bse", act) + bo.astype(cdt)
 
 
 class DeepNormBlock(nn.Module):

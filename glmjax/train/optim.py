@@ -38,9 +38,15 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if not 0 < self.min_lr <= self.lr:
             raise ConfigError(f"optim: need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.global_batch <= 0 or self.warmup_init_lr < 0 or self.warmup_samples < 0 or self.decay_samples < 0:
+            raise ConfigError("optim: need global_batch > 0 and warmup_init_lr, warmup_samples, decay_samples >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0 and self.weight_decay >= 0
+                and self.clip_grad_norm > 0):
+            raise ConfigError("optim: need beta1, beta2 in [0, 1), eps > 0, weight_decay >= 0, clip_grad_norm > 0")
         if self.rampup_batch_size is not None:
             start, inc, samples = self.rampup_batch_size
-            if start <= 0 or inc <= 0 or samples <= 0 or (self.global_batch - start) % inc:
+            if (start <= 0 or inc <= 0 or samples <= 0 or start >= self.global_batch
+                    or (self.global_batch - start) % inc):
                 raise ConfigError(f"optim: rampup_batch_size {self.rampup_batch_size} must step from a positive "
                                   f"start by a positive increment to global_batch={self.global_batch}")
 

@@ -18,6 +18,12 @@ class LossScaleConfig:
     hysteresis: int = 2
     min_scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        from glmjax.errors import ConfigError
+
+        if not (0 < self.min_scale <= self.initial and self.window >= 1 and self.hysteresis >= 1):
+            raise ConfigError(f"loss_scale: need 0 < min_scale <= initial, window >= 1, hysteresis >= 1, got {self}")
+
 
 class LossScale(NamedTuple):
     scale: jax.Array  # float32
