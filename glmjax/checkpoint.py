@@ -143,21 +143,13 @@ def load_params(fmt: str, path: str, cfg: GLMConfig | None, mesh: Any, quantize:
     if bits:
         qcfg, tree = quantize_source(cfg, source, bits)
         return qcfg, _place(tree, qcfg, mesh)
-    return cfg, _place(host_tree(cfg, source), cfg, mesh)
+    return cfg, _place(engine.host_tree(sat_rules(cfg), cfg, source), cfg, mesh)
 
 
 def _place(tree: Any, cfg: GLMConfig, mesh: Any) -> Any:
     from glmjax.model import api
 
     return api.shard_params(tree, cfg, mesh)
-
-
-def host_tree(cfg: GLMConfig, source: Source) -> dict[str, Any]:
-    """The parameter pytree of a Source on the host, in the config's parameter dtype."""
-    tree = engine.TreeBuilder(cfg, cfg.param_dtype)
-    for rule, i in engine.ordered(sat_rules(cfg), cfg):
-        tree.put(rule.path, i, source.get(rule.path, i))
-    return tree.params
 
 
 def quantize_source(cfg: GLMConfig, source: Source, bits: int) -> tuple[GLMConfig, dict[str, Any]]:
@@ -175,10 +167,10 @@ def quantize_source(cfg: GLMConfig, source: Source, bits: int) -> tuple[GLMConfi
         name = rule.path[-1]
         if name in quant.KERNELS:
             q, scale = quant.quantize_kernel(source.get(rule.path, i), name, bits, 1)
-            quant.set_param(tree, rule.path[:-1] + (name + "_q",), i, q, cfg.num_layers)
-            quant.set_param(tree, rule.path[:-1] + (name + "_scale",), i, scale, cfg.num_layers)
+            engine.put_param(tree, rule.path[:-1] + (name + "_q",), i, q, cfg.num_layers)
+            engine.put_param(tree, rule.path[:-1] + (name + "_scale",), i, scale, cfg.num_layers)
         else:
-            quant.set_param(tree, rule.path, i, np.asarray(source.get(rule.path, i), pdt), cfg.num_layers)
+            engine.put_param(tree, rule.path, i, np.asarray(source.get(rule.path, i), pdt), cfg.num_layers)
     return qcfg, tree
 
 

@@ -209,7 +209,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(GLMConfig)}
 
 def from_dict(d: Mapping[str, Any], *, source: str = "config") -> GLMConfig:
     """Build a config from a mapping; unknown keys are an error, `rotary_mode` is translated."""
-    d = {k: v for k, v in d.items() if k not in GENERATOR_KEYS}
+    d = dict(d)
     if "rotary_mode" in d:
         mode = d.pop("rotary_mode")
         if mode not in ROTARY_MODES:
@@ -359,6 +359,8 @@ def model_from_section(section: Mapping[str, Any], source: str) -> GLMConfig:
     values = dict(section)
     preset = values.pop("preset", None)
     if preset is None:
+        if not values:
+            _fail(f"{source}: the model needs `preset: NAME` ({', '.join(PRESETS)}) or every GLMConfig field")
         return from_dict(values, source=source)
     if preset not in PRESETS:
         _fail(f"{source}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
@@ -376,5 +378,8 @@ def resolve(preset: str | None = None, path: str | None = None,
     if preset is not None:
         return model_from_section({"preset": preset, **extra}, f"preset {preset}")
     data = load_file(path)
-    section = data["model"] if is_experiment(data) else data
+    if is_experiment(data):
+        section = data["model"]
+    else:  # a model config file, perhaps with the keys make_reference.py writes beside the model
+        section = {k: v for k, v in data.items() if k not in GENERATOR_KEYS}
     return model_from_section({**section, **extra}, path)

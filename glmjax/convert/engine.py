@@ -132,20 +132,27 @@ def jax_shape(rule: TensorRule) -> tuple[int, ...]:
     return rule.to_jax(np.empty(rule.shape, np.uint8)).shape
 
 
-class TreeBuilder:
-    """Assembles (path, layer, array) pieces into a glmjax parameter pytree of numpy arrays."""
+def put_param(tree: dict[str, Any], path: Path, layer: int | None, arr: np.ndarray, num_layers: int) -> None:
+    """The one tree builder: a host array into a glmjax parameter pytree (in its own dtype), a
+    per-layer one into its slot of the [num_layers, ...] stack (allocated on first use)."""
+    node = tree
+    for k in path[:-1]:
+        node = node.setdefault(k, {})
+    if layer is None:
+        node[path[-1]] = arr
+        return
+    if path[-1] not in node:
+        node[path[-1]] = np.empty((num_layers,) + arr.shape, arr.dtype)
+    node[path[-1]][layer] = arr
 
-    def __init__(self, cfg: GLMConfig, dtype: Any):
-        self.cfg, self.dtype, self.params = cfg, np.dtype(dtype), {}
 
-    def put(self, path: Path, layer: int | None, arr: np.ndarray) -> None:
-        node = self.params
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        leaf = path[-1]
-        if layer is None:
-            node[leaf] = np.asarray(arr, self.dtype)
-            return
-        if leaf not in node:
-            node[leaf] = np.empty((self.cfg.num_layers,) + arr.shape, self.dtype)
-        node[leaf][layer] = arr
+def host_tree(rules: list[TensorRule], cfg: GLMConfig, source: Source, dtype: Any = None) -> dict[str, Any]:
+    """The parameter pytree of a Source on the host, one tensor at a time, in `dtype` (default the
+    config's parameter dtype)."""
+    import jax.numpy as jnp  # its dtype() knows bfloat16
+
+    dt = jnp.dtype(dtype or cfg.param_dtype)
+    tree: dict[str, Any] = {}
+    for rule, i in ordered(rules, cfg):
+        put_param(tree, rule.path, i, np.asarray(source.get(rule.path, i), dt), cfg.num_layers)
+    return tree

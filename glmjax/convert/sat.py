@@ -176,23 +176,10 @@ def _source_of(paths: list[str], shards: list[tuple[TorchZipReader, dict[str, An
     return Source(get=get, dtype=dtype, pieces=pieces, parts=tp)
 
 
-def iter_sat_tensors(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = None
-                     ) -> Iterator[tuple[TensorRule, int | None, np.ndarray]]:
-    """Yield (rule, layer or None, merged tensor in glmjax layout), one tensor at a time."""
-    src = sat_source(ckpt_dir, cfg, expect_tp)
-    for rule, i in engine.ordered(sat_rules(cfg), cfg):
-        yield rule, i, src.get(rule.path, i)
-
-
 def read_sat_checkpoint(ckpt_dir: str, cfg: GLMConfig, dtype: str | None = None,
                         expect_tp: int | None = None) -> dict[str, Any]:
     """Read a SAT checkpoint into a glmjax parameter pytree of numpy arrays (layers stacked)."""
-    import jax.numpy as jnp
-
-    tree = engine.TreeBuilder(cfg, jnp.dtype(dtype or cfg.param_dtype))
-    for rule, i, arr in iter_sat_tensors(ckpt_dir, cfg, expect_tp):
-        tree.put(rule.path, i, arr)
-    return tree.params
+    return engine.host_tree(sat_rules(cfg), cfg, sat_source(ckpt_dir, cfg, expect_tp), dtype)
 
 
 # --- GLM-130B's quantized checkpoints, kept quantized -------------------------------------------
@@ -294,10 +281,10 @@ def read_sat_quantized(ckpt_dir: str, cfg: GLMConfig, expect_tp: int | None = No
                 name = rule.path[-1]
                 scale_rule = by_path.get(rule.path[:-1] + (name.replace("_kernel", "_bias"),))
                 q, scale = _merged_quantized(rule, scale_rule, i, bits, paths, shards, tp)
-                quant.set_param(params, rule.path[:-1] + (name + "_q",), i, q, cfg.num_layers)
-                quant.set_param(params, rule.path[:-1] + (name + "_scale",), i, scale, cfg.num_layers)
+                engine.put_param(params, rule.path[:-1] + (name + "_q",), i, q, cfg.num_layers)
+                engine.put_param(params, rule.path[:-1] + (name + "_scale",), i, scale, cfg.num_layers)
             else:
-                quant.set_param(params, rule.path, i, np.asarray(src.get(rule.path, i), pdt), cfg.num_layers)
+                engine.put_param(params, rule.path, i, np.asarray(src.get(rule.path, i), pdt), cfg.num_layers)
     finally:
         _close(shards)
     return qcfg, params

@@ -263,21 +263,6 @@ def dequantize_params(params: dict[str, Any], bits: int, dtype: Any = jnp.float3
     return out
 
 
-def set_param(tree: dict[str, Any], path: tuple[str, ...], layer: int | None, arr: np.ndarray,
-              num_layers: int) -> None:
-    """Put a host array into a parameter tree in its own dtype; a per-layer one into its slot of
-    the [num_layers, ...] stack (allocated on first use)."""
-    node = tree
-    for k in path[:-1]:
-        node = node.setdefault(k, {})
-    if layer is None:
-        node[path[-1]] = arr
-        return
-    if path[-1] not in node:
-        node[path[-1]] = np.empty((num_layers,) + arr.shape, arr.dtype)
-    node[path[-1]][layer] = arr
-
-
 def param_bytes(params: Any) -> int:
     """Bytes the parameter arrays occupy (all shards together)."""
     return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
