@@ -163,7 +163,7 @@ def run(a: argparse.Namespace, log=print) -> dict[str, Any]:
     params = init_params(cfg, jax.random.key(a.seed), mesh)
     n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
     global_batch = a.micro_batch * a.micro_steps
-    oc = optim.OptimConfig(rampup_batch_size=None, global_batch=global_batch)
+    oc = optim.OptimConfig(rampup_batch_size=None, global_batch=global_batch, warmup_samples=0)  # peak lr
     lc = precision.LossScaleConfig()
     state = S.init_state(cfg, params, oc, lc, a.seed, mesh)
     del params
