@@ -13,11 +13,9 @@ parameters of a run read as a host Source leaf by leaf, like a converted checkpo
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -313,34 +311,3 @@ class TrainCheckpoints:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
-
-
-# --- outputs written whole ---------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_dir(dst: str, overwrite: bool) -> Iterator[str]:
-    """A temporary sibling of dst to write into; renamed to dst only when the block completes.
-
-    An existing dst is refused unless overwrite, and then replaced only after the new one is
-    complete. On any failure or interrupt the temporary is removed, so no half-written directory
-    ever carries the checkpoint's name.
-    """
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not overwrite:
-        raise GlmjaxError(f"output {dst} exists; pass --overwrite to replace it")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(dst):
-        old = os.path.join(parent, f".{os.path.basename(dst)}.old-{os.getpid()}")
-        os.rename(dst, old)
-    os.rename(tmp, dst)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)

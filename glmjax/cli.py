@@ -184,7 +184,7 @@ def cmd_data(a: argparse.Namespace) -> int:
     from glmjax.data import pipeline
 
     if a.action == "prepare":
-        from glmjax.checkpoint import atomic_dir
+        from glmjax.outputs import atomic_dir
 
         t0 = time.perf_counter()
         with atomic_dir(a.out, a.overwrite) as tmp:
@@ -422,7 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_orbax(record) -> bool:
+    """glmjax saves without OCDBT on purpose; orbax notes it on every save."""
+    return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger("absl").addFilter(_quiet_orbax)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import assert_close_scaled, case_dir, split_like_convert_tp, write_sat
 
-from glmjax import checkpoint
 from glmjax import config as C
+from glmjax import outputs
 from glmjax.cli import main
 from glmjax.convert import engine, orbax_format, run
 from glmjax.convert.sat import sat_source
@@ -154,7 +154,7 @@ def test_orbax_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path, glm_te
     cfg = glm_test_cfg
     mesh_a, mesh_b = make_mesh("tensor=4,fsdp=2"), make_mesh("data=8")
     params = api.init_params(cfg, jax.random.key(3), mesh_a)
-    with checkpoint.atomic_dir(str(tmp_path / "ck"), overwrite=False) as tmp:
+    with outputs.atomic_dir(str(tmp_path / "ck"), overwrite=False) as tmp:
         orbax_format.save_params(tmp, cfg, params)
     cfg_b, restored = orbax_format.restore_params(str(tmp_path / "ck"), mesh_b)
     assert cfg_b == cfg

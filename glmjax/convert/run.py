@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from glmjax.checkpoint import atomic_dir, load_params, open_source, parse_location, source_iteration
+from glmjax.checkpoint import load_params, open_source, parse_location, source_iteration
 from glmjax.config import GLMConfig
 from glmjax.convert import hf_chatglm, orbax_format, sat
 from glmjax.convert.engine import Source
 from glmjax.errors import GlmjaxError
+from glmjax.outputs import atomic_dir
 
 
 def write(fmt: str, out_dir: str, cfg: GLMConfig, source: Source, *, tp: int | None,
