@@ -92,3 +92,18 @@ def test_the_tokenizer_and_data_chain_runs_as_written(tmp_path):
         if "encode" in line:
             assert len(out.split()) >= 3
     assert (tmp_path / "seqs.npz").exists() and (tmp_path / "data" / "manifest.json").exists()
+
+
+def test_model_targets_simulate_cpu_devices_only_when_asked_or_without_an_accelerator():
+    def train_line(*args):
+        r = subprocess.run(["make", "-n", "train", *args], cwd=ROOT, capture_output=True, text=True)
+        return next(x for x in r.stdout.splitlines() if " -m glmjax train " in x)
+
+    assert train_line("CPU_MESH=4").startswith("XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu")
+    assert train_line("CPU_MESH=").startswith(".venv/bin/python -m glmjax train")
+    has_accelerator = any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0")) or \
+        any(n.isdigit() for n in (os.listdir("/dev/vfio") if os.path.isdir("/dev/vfio") else []))
+    assert ("XLA_FLAGS" in train_line()) != has_accelerator
+    forward = subprocess.run(["make", "-n", "forward", "CHECKPOINT=c", "INPUTS=i", "OUTPUT=o"], cwd=ROOT,
+                             capture_output=True, text=True).stdout
+    assert "--config" not in forward and "--tp" not in forward  # no default leaks in from convert's targets

@@ -183,3 +183,13 @@ def test_chatglm_style_2d_positions_train_on_a_sharded_mesh():
                                       np.zeros(batch["tokens"].shape, int)], 2).astype(np.int32)
     state, losses = _train(fn, state, {k: np.repeat(v, 2, 0) for k, v in batch.items()}, 4)
     assert losses[-1] < losses[0]
+
+
+def test_a_step_takes_exactly_the_micro_batches_it_uses():
+    """The ramp's smaller steps send fewer micro-batches (no zero-filled ones); a miscount is refused."""
+    batch = _batch(np.random.default_rng(0), 2, 4)
+    _, fn, state = _setup(None)
+    state, m = fn(state, _micro(fn, batch, 1), 1, 1.0)
+    assert float(m["tokens"]) == 4 * 32 and int(state.consumed_samples) == 4
+    with pytest.raises(ValueError, match="given 2 micro-batches, not 1"):
+        fn(state, _micro(fn, batch, 2), 1, 1.0)
