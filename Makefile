@@ -68,7 +68,7 @@ convert-orbax2sat: $(STAMP)
 runs/data/pydoc/manifest.json: $(STAMP)
 	mkdir -p runs/corpus
 	$(PY) -c "from pydoc_data.topics import topics; open('runs/corpus/pydoc.txt', 'w').write('\n\n'.join(topics.values()))"
-	$(PY) -m glmjax tokenizer train --input runs/corpus/pydoc.txt --vocab-size 4000 --out runs/tok-pydoc
+	$(PY) -m glmjax tokenizer train --input runs/corpus/pydoc.txt --vocab-size 4000 --out runs/tok-pydoc --overwrite
 	$(PY) -m glmjax data prepare --tokenizer runs/tok-pydoc --input runs/corpus/pydoc.txt --out runs/data/pydoc --overwrite
 
 data-pydoc: runs/data/pydoc/manifest.json

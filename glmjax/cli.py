@@ -12,6 +12,7 @@ from typing import Any
 
 from glmjax import config as C
 from glmjax.errors import GlmjaxError, InputError
+from glmjax.outputs import atomic_file, check_output
 
 
 def _human(n: float) -> str:
@@ -68,20 +69,24 @@ def _load_inputs(path: str) -> dict:
         raise InputError(f"cannot read inputs {path}: not a valid .npz ({e})") from None
 
 
-def _atomic_savez(path: str, arrays: dict) -> None:
-    """Write to a temporary file beside `path`, rename into place only when complete."""
+def _write_npz(path: str, arrays: dict) -> None:
+    """An .npz written whole (outputs.atomic_file): a fresh temporary beside `path`, then renamed."""
     import numpy as np
 
-    out_dir = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(out_dir):
-        raise InputError(f"output directory does not exist: {out_dir}")
-    tmp = os.path.join(out_dir, f".{os.path.basename(path)}.tmp-{os.getpid()}.npz")
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _read_stdin() -> str:
+    """All of stdin as text; bytes that are not UTF-8 are one error line, not a traceback."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream without bytes underneath (tests)
+        return sys.stdin.read()
+    data = raw.read()
     try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"standard input is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def cmd_forward(a: argparse.Namespace) -> int:
@@ -92,6 +97,7 @@ def cmd_forward(a: argparse.Namespace) -> int:
     from glmjax.model import api
     from glmjax.parallel.mesh import make_mesh
 
+    check_output(a.output)
     cfg = C.resolve(None, a.config, a.overrides) if a.config else None
     fmt = checkpoint.detect_format(a.checkpoint)
     arrays = _load_inputs(a.inputs)
@@ -114,7 +120,7 @@ def cmd_forward(a: argparse.Namespace) -> int:
     if a.hidden_states:
         hs = np.asarray(jax.device_get(per_layer["hidden_states"]), np.float32)
         out.update({f"hidden_states_layer{i}": hs[i] for i in range(cfg.num_layers)})
-    _atomic_savez(a.output, out)
+    _write_npz(a.output, out)
     print(f"wrote {a.output}: logits {list(logits.shape)} float32, max|logit| {np.abs(logits).max():.6g} "
           f"(mesh {dict(mesh.shape)}, dtype {cfg.dtype}; load {t1 - t0:.2f} s, forward {t2 - t1:.2f} s)"
           + (f"; ignored input arrays: {', '.join(ignored)}" if ignored else ""))
@@ -124,6 +130,7 @@ def cmd_forward(a: argparse.Namespace) -> int:
 def cmd_convert(a: argparse.Namespace) -> int:
     import signal
 
+    from glmjax.checkpoint import parse_location
     from glmjax.convert import run
     from glmjax.parallel.mesh import make_mesh
 
@@ -131,6 +138,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
+    _, src_path = parse_location(a.src)
+    _, dst_path = parse_location(a.dst)
+    if os.path.abspath(src_path) != os.path.abspath(dst_path):  # else run.convert names the mistake
+        check_output(dst_path, directory=True, overwrite=a.overwrite)
     cfg = C.resolve(None, a.config, a.overrides) if a.config else None
     if a.verify:
         make_mesh(a.mesh)  # a bad mesh spec fails before any work
@@ -159,14 +170,14 @@ def cmd_tokenizer(a: argparse.Namespace) -> int:
         if not a.input or not a.out:
             raise InputError("tokenizer train needs --input FILES and --out DIR")
         files = sorted({f for pattern in a.input for f in (glob.glob(pattern) or [pattern])})
-        tok = train_tokenizer(files, a.vocab_size, a.out, a.layout)
+        tok = train_tokenizer(files, a.vocab_size, a.out, a.layout, overwrite=a.overwrite)
         print(f"wrote {a.out}: {tok.num_text} SentencePiece pieces, layout {tok.layout.name}, model vocabulary "
               f"{tok.vocab_size}, [MASK] {tok['MASK']}, [gMASK] {tok['gMASK']}, sop {tok['sop']}, eos {tok.eos_id}")
         return 0
     if not a.tokenizer:
         raise InputError(f"tokenizer {a.action} needs --tokenizer DIR")
     tok = load_tokenizer(a.tokenizer)
-    data = sys.stdin.read()
+    data = _read_stdin()
     if a.action == "encode":
         print(" ".join(str(i) for i in tok.encode(data[:-1] if data.endswith("\n") else data)))
     else:
@@ -186,6 +197,7 @@ def cmd_data(a: argparse.Namespace) -> int:
     if a.action == "prepare":
         from glmjax.outputs import atomic_dir
 
+        check_output(a.out, directory=True, overwrite=a.overwrite)
         t0 = time.perf_counter()
         with atomic_dir(a.out, a.overwrite) as tmp:
             stats = pipeline.prepare(a.input, a.tokenizer, tmp, instructions=a.instructions,
@@ -201,6 +213,7 @@ def cmd_data(a: argparse.Namespace) -> int:
 
     if a.num_samples < 1:
         raise InputError(f"--num-samples must be >= 1, got {a.num_samples}")
+    check_output(a.output)
     exp = load_experiment(a.config, a.overrides)
     loader = pipeline.GLMLoader(pipeline.TokenShards(exp.data.path), exp.objective, global_batch=1,
                                 seed=exp.data.seed, model_vocab=exp.model.vocab_size)
@@ -210,7 +223,7 @@ def cmd_data(a: argparse.Namespace) -> int:
         rows.append(seq)
         samples += smp
     arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    _atomic_savez(a.output, arrays)
+    _write_npz(a.output, arrays)
     stats = pipeline.objective_statistics(samples, a.num_samples)
     print(f"wrote {a.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
     print("objective: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
@@ -249,8 +262,6 @@ def _generate_config(a: argparse.Namespace) -> Any:
 
 def _read_prompts(a: argparse.Namespace) -> list[str] | None:
     """--prompt, or the prompts of --input-file (JSONL of {"prompt": ...}); None: interactive stdin."""
-    import json
-
     if a.prompt is not None and a.input_file:
         raise GlmjaxError("give --prompt or --input-file, not both")
     if a.prompt is not None:
@@ -259,15 +270,51 @@ def _read_prompts(a: argparse.Namespace) -> list[str] | None:
         return None
     if not os.path.isfile(a.input_file):
         raise GlmjaxError(f"input file not found: {a.input_file}")
-    prompts = []
-    with open(a.input_file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    prompts.append(json.loads(line)["prompt"])
-                except (ValueError, KeyError, TypeError):
-                    raise GlmjaxError(f"{a.input_file}:{n}: expected a JSON object with a \"prompt\"") from None
+    try:
+        with open(a.input_file, "rb") as f:
+            raw_lines = f.read().splitlines()
+    except OSError as e:
+        raise GlmjaxError(f"cannot read {a.input_file}: {e.strerror}") from None
+    prompts = [_prompt_of(raw, f"{a.input_file}:{n}") for n, raw in enumerate(raw_lines, 1)]
+    prompts = [p for p in prompts if p is not None]
+    if not prompts:
+        raise GlmjaxError(f"{a.input_file} holds no prompts")
     return prompts
+
+
+def _prompt_of(raw: bytes, where: str) -> str | None:
+    """The prompt of one JSONL line (None: a blank line); anything else is an error naming file:line."""
+    import json
+
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GlmjaxError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict) or "prompt" not in obj:
+        raise GlmjaxError(f"{where}: expected a JSON object with a \"prompt\"")
+    if not isinstance(obj["prompt"], str):
+        raise GlmjaxError(f"{where}: \"prompt\" must be a string, got {type(obj['prompt']).__name__}")
+    return obj["prompt"]
+
+
+def _read_prompt_line() -> str | None:
+    """The next stdin line (no line end); None at the end. Bytes that are not UTF-8: one error line."""
+    raw = getattr(sys.stdin, "buffer", None)
+    line = raw.readline() if raw is not None else sys.stdin.readline()
+    if not line:
+        return None
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"this line is not UTF-8 ({e.reason} at byte {e.start})") from None
+    return line.rstrip("\r\n")
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -279,7 +326,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from glmjax.model.quant import param_bytes
     from glmjax.parallel.mesh import make_mesh
 
+    if a.batch_size < 1:
+        raise GlmjaxError(f"--batch-size must be >= 1, got {a.batch_size}")
     prompts = _read_prompts(a)
+    if a.output and prompts is None:
+        raise GlmjaxError("--output holds the results of --prompt or --input-file (stdin mode prints them)")
+    if a.output:
+        check_output(a.output)
     gc = _generate_config(a)
     cfg = C.resolve(None, a.config, a.overrides) if a.config else None
     mesh = make_mesh(a.mesh)
@@ -302,30 +355,36 @@ def cmd_generate(a: argparse.Namespace) -> int:
         if not a.output:
             print("\n".join(lines))
             return 0
-        tmp = a.output + ".tmp"  # renamed into place only when complete
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(a.output, "w") as f:
             f.write("\n".join(lines) + "\n")
-        os.replace(tmp, a.output)
         return 0
     # interactive, as GLM-130B's generate.py: a prompt per line, tokens shown as they come
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
             print("\nEnter prompt (empty line or 'stop' to quit): ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() in ("", "stop"):
-            return 0
         try:
+            line = _read_prompt_line()
+            if line is None or line.strip() in ("", "stop"):
+                return 0
             stream = (lambda row, text: print(text, end="", flush=True)) if gc.strategy != "beam" else None
-            (r,) = fill_blanks(gen, tok, [line.rstrip("\n")], gc, on_token=stream)
+            (r,) = fill_blanks(gen, tok, [line], gc, on_token=stream)
         except GlmjaxError as e:  # one bad prompt does not end the session
             print(f"glmjax: error: {e}", file=sys.stderr)
             continue
         print(("\n" if stream else "") + r.text, flush=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are bad input too: one `glmjax: error:` line naming the command, exit 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"glmjax: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glmjax", description="GLM-130B in JAX: inspect, run, compare.")
+    p = _Parser(prog="glmjax", description="GLM-130B in JAX: inspect, run, compare.")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print a resolved configuration or experiment, its parameter count and bytes")
     _config_args(info)
@@ -401,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--layout", choices=("glm-130b", "chatglm-6b", "compact"), default="glm-130b",
                     help="id layout: GLM-130B's (text from 20000), ChatGLM-6B's, or compact (text from 0)")
     tk.add_argument("--out", help="train: output directory")
+    tk.add_argument("--overwrite", action="store_true",
+                    help="train: replace an existing tokenizer (prepared corpora may point to it)")
     tk.set_defaults(func=cmd_tokenizer)
     da = sub.add_parser("data", help="prepare a corpus into token shards, or inspect GLM training sequences")
     dsub = da.add_subparsers(dest="action", required=True)

@@ -201,30 +201,95 @@ def _sentence_ends(tok: GLMTokenizer) -> list[int]:
 
 
 # --- loading ---------------------------------------------------------------------------------------
+_MANIFEST_KEYS = {"shards": list, "special_ids": dict, "eos_id": int, "pad_id": int, "vocab_size": int,
+                  "sentence_ends": list}
+_SHARD_KEYS = {"tokens": str, "docs": str, "n_tokens": int, "n_docs": int}
+
+
+def _read_manifest(data_dir: str) -> dict[str, Any]:
+    """DIR/manifest.json, checked for the keys the loader uses."""
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise InputError(f"{data_dir} is not a prepared corpus (no {MANIFEST}); run `glmjax data prepare`")
+    redo = "; prepare the corpus again (`glmjax data prepare --overwrite`)"
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"corrupt corpus manifest {path}: not JSON ({e}){redo}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "glmjax-tokens":
+        raise InputError(f"corrupt corpus manifest {path}: not a glmjax-tokens manifest{redo}")
+    for k, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(k), kind):
+            raise InputError(f"corrupt corpus manifest {path}: no {kind.__name__} {k!r}{redo}")
+    specials = manifest["special_ids"]
+    missing = [n for n in ("MASK", "gMASK", "sMASK", "sop", "eop") if not isinstance(specials.get(n), int)]
+    if missing:
+        raise InputError(f"corrupt corpus manifest {path}: special_ids lacks {missing[0]!r}{redo}")
+    if not manifest["shards"]:
+        raise InputError(f"corrupt corpus manifest {path}: it lists no shards{redo}")
+    for k, sh in enumerate(manifest["shards"]):
+        if not isinstance(sh, dict) or any(not isinstance(sh.get(n), t) for n, t in _SHARD_KEYS.items()):
+            raise InputError(f"corrupt corpus manifest {path}: shard {k} needs {', '.join(_SHARD_KEYS)}{redo}")
+    return manifest
+
+
+def _open_shard(data_dir: str, sh: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens memory-mapped, document offsets) of one shard, both checked against the manifest."""
+    tpath, dpath = os.path.join(data_dir, sh["tokens"]), os.path.join(data_dir, sh["docs"])
+    for p in (tpath, dpath):
+        if not os.path.isfile(p):
+            raise InputError(f"corpus shard file {p} is missing")
+    n = os.path.getsize(tpath) // 4
+    if n != sh["n_tokens"] or os.path.getsize(tpath) % 4:
+        raise InputError(f"{tpath} is truncated ({n} of {sh['n_tokens']} tokens)" if n < sh["n_tokens"] else
+                         f"{tpath} holds {n} tokens, its manifest says {sh['n_tokens']}")
+    tokens = np.memmap(tpath, np.uint32, mode="r") if n else np.zeros(0, np.uint32)
+    try:
+        offs = np.load(dpath, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{dpath} is truncated or not an .npy file ({e})") from None
+    if (offs.ndim != 1 or offs.dtype.kind not in "iu" or len(offs) != sh["n_docs"] + 1 or offs[0] != 0
+            or offs[-1] != n or (np.diff(offs) < 0).any()):
+        raise InputError(f"{dpath} does not match its shard: {sh['n_docs'] + 1} increasing offsets from 0 to {n} "
+                         f"expected, got {offs.dtype} {list(offs.shape)}")
+    return tokens, offs
+
+
+def _read_instructions_file(path: str) -> list[tuple[list[int], list[int]]]:
+    """(input ids, target ids) of the prepared instruction samples."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            lengths, flat = z["lengths"], z["tokens"]
+    except Exception as e:  # a missing file, a torn zip, a missing array: all the same to the user
+        raise InputError(f"corpus instruction file {path} is missing or unreadable ({type(e).__name__}: {e})") from None
+    if lengths.ndim != 2 or lengths.shape[1:] != (2,) or (lengths < 0).any() or int(lengths.sum()) != flat.size:
+        raise InputError(f"corpus instruction file {path} is inconsistent (lengths do not add up to its tokens)")
+    out, pos = [], 0
+    for li, lt in lengths:
+        ids = flat[pos:pos + li + lt].astype(np.int64).tolist()
+        out.append((ids[:li], ids[li:]))
+        pos += li + lt
+    return out
+
+
 class TokenShards:
-    """The prepared corpus as documents (memory-mapped shards; nothing read until used)."""
+    """The prepared corpus as documents (memory-mapped shards; nothing read until used).
+
+    Opening checks the manifest and every shard against it, so a corrupt, missing or truncated file
+    is one clear error here, never a traceback or silently fewer documents later."""
 
     def __init__(self, data_dir: str):
-        path = os.path.join(data_dir, MANIFEST)
-        if not os.path.isfile(path):
-            raise InputError(f"{data_dir} is not a prepared corpus (no {MANIFEST}); run `glmjax data prepare`")
-        with open(path) as f:
-            self.manifest = json.load(f)
-        self.docs: list[tuple[np.memmap, int, int]] = []
+        self.manifest = _read_manifest(data_dir)
+        self.docs: list[tuple[np.ndarray, int, int]] = []
         for sh in self.manifest["shards"]:
-            tokens = np.memmap(os.path.join(data_dir, sh["tokens"]), np.uint32, mode="r")
-            offs = np.load(os.path.join(data_dir, sh["docs"]))
-            if tokens.size != sh["n_tokens"] or offs[-1] != tokens.size:
-                raise InputError(f"{data_dir}/{sh['tokens']} is truncated ({tokens.size} of {sh['n_tokens']} tokens)")
+            tokens, offs = _open_shard(data_dir, sh)
             self.docs += [(tokens, int(a), int(b)) for a, b in zip(offs[:-1], offs[1:])]
         self.instructions: list[tuple[list[int], list[int]]] = []
         if self.manifest.get("instructions"):
-            z = np.load(os.path.join(data_dir, self.manifest["instructions"]))
-            pos = 0
-            for li, lt in z["lengths"]:
-                ids = z["tokens"][pos:pos + li + lt].astype(np.int64).tolist()
-                self.instructions.append((ids[:li], ids[li:]))
-                pos += li + lt
+            self.instructions = _read_instructions_file(os.path.join(data_dir, self.manifest["instructions"]))
 
     def __len__(self) -> int:
         return len(self.docs)

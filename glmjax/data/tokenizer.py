@@ -20,6 +20,7 @@ import re
 from collections.abc import Sequence
 
 from glmjax.errors import InputError
+from glmjax.outputs import atomic_dir, atomic_file, check_output
 
 SPECIAL_NAMES = ("MASK", "gMASK", "sMASK", "eod", "sop", "eop", "ENC", "dBLOCK")
 CONFIG_FILE = "glmjax_tokenizer.json"
@@ -182,12 +183,14 @@ class GLMTokenizer:
 
     # --- files ------------------------------------------------------------------------------------
     def save(self, out_dir: str) -> None:
+        """The SentencePiece model and the layout file into out_dir, each written whole (atomic_file)."""
         import shutil
 
         os.makedirs(out_dir, exist_ok=True)
         if os.path.abspath(self.model_path) != os.path.abspath(os.path.join(out_dir, MODEL_FILE)):
-            shutil.copyfile(self.model_path, os.path.join(out_dir, MODEL_FILE))
-        with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+            with open(self.model_path, "rb") as src, atomic_file(os.path.join(out_dir, MODEL_FILE), "wb") as f:
+                shutil.copyfileobj(src, f)
+        with atomic_file(os.path.join(out_dir, CONFIG_FILE), "w") as f:
             json.dump({"layout": self.layout.name, "vocab_size": self.vocab_size,
                        "special_ids": self.special_ids, "eos_id": self.eos_id, "pad_id": self.pad_id}, f, indent=2)
 
@@ -205,13 +208,15 @@ def load_tokenizer(path: str) -> GLMTokenizer:
 
 
 def train_tokenizer(inputs: Sequence[str], vocab_size: int, out_dir: str, layout: str = "glm-130b",
-                    max_sentences: int = 2_000_000) -> GLMTokenizer:
+                    max_sentences: int = 2_000_000, *, overwrite: bool = False) -> GLMTokenizer:
     """Train a SentencePiece unigram model on text files and save it with the layout.
 
     Identity normalisation and kept whitespace make decode(encode(text)) == text; byte fallback
     covers characters the corpus lacks; `<n>` (and ChatGLM's tab/blank tokens) are reserved pieces.
+    out_dir is written whole (outputs.atomic_dir); an existing one, which prepared corpora may point
+    to, is replaced only with overwrite.
     """
-    import tempfile
+    import shutil
 
     import sentencepiece as spm
 
@@ -223,9 +228,11 @@ def train_tokenizer(inputs: Sequence[str], vocab_size: int, out_dir: str, layout
         if os.path.getsize(p) == 0:
             raise InputError(f"tokenizer training input is empty: {p}")
     symbols = USER_SYMBOLS if LAYOUTS[layout].whitespace_tokens else [NEWLINE_PIECE]
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        prefix = os.path.join(tmp, "sp")
+    check_output(out_dir, directory=True, overwrite=overwrite)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        scratch = os.path.join(tmp, ".train")  # SentencePiece's own files; not part of the output
+        os.mkdir(scratch)
+        prefix = os.path.join(scratch, "sp")
         try:
             spm.SentencePieceTrainer.Train(
                 input=",".join(inputs), model_prefix=prefix, vocab_size=vocab_size, model_type="unigram",
@@ -235,6 +242,6 @@ def train_tokenizer(inputs: Sequence[str], vocab_size: int, out_dir: str, layout
                 shuffle_input_sentence=True, minloglevel=2, num_threads=os.cpu_count() or 1)
         except RuntimeError as e:
             raise InputError(f"tokenizer training failed: {str(e).splitlines()[0]}") from None
-        tok = GLMTokenizer(prefix + ".model", layout)
-        tok.save(out_dir)
+        GLMTokenizer(prefix + ".model", layout).save(tmp)
+        shutil.rmtree(scratch)
     return load_tokenizer(out_dir)

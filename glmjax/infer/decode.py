@@ -73,6 +73,14 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        for name in ("temperature", "top_p", "length_penalty"):  # nan or inf would slip past the range checks
+            value = getattr(self, name)
+            try:
+                finite = math.isfinite(value)
+            except TypeError:
+                finite = False
+            if not finite:
+                raise InputError(f"{name} must be a finite number, got {value!r}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.temperature > 0:

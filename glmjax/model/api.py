@@ -123,6 +123,12 @@ def validate_batch(cfg: GLMConfig, batch: Batch) -> None:
     if tok.ndim != 2 or not np.issubdtype(tok.dtype, np.integer):
         raise InputError(f"tokens must be an integer array [batch, seq], got {tok.dtype} {tok.shape}")
     b, s = tok.shape
+    if b == 0 or s == 0:
+        raise InputError(f"tokens [batch, seq] must hold at least one row and one position, got {list(tok.shape)} "
+                         f"({'batch' if b == 0 else 'sequence'} 0)")
+    if "attention_mask" in batch and ("prefix_mask" in batch or "segment_ids" in batch):
+        raise InputError("give attention_mask or prefix_mask/segment_ids, not both (the dense attention_mask "
+                         "would silently win)")
     if s > cfg.max_sequence_length:
         raise InputError(f"sequence length {s} exceeds max_sequence_length={cfg.max_sequence_length}")
     bad = (tok < 0) | (tok >= cfg.vocab_size)
@@ -145,8 +151,11 @@ def validate_batch(cfg: GLMConfig, batch: Batch) -> None:
             raise InputError(f"attention_mask must be bool [{b}, 1, {s}, {s}] with True = blocked, "
                              f"got {m.dtype} {list(m.shape)}")
     for k in ("prefix_mask", "segment_ids"):
-        if k in batch and np.shape(batch[k]) != (b, s):
-            raise InputError(f"{k} must be [{b}, {s}], got {list(np.shape(batch[k]))}")
+        if k not in batch:
+            continue
+        v = np.asarray(batch[k])
+        if v.shape != (b, s) or not (v.dtype == bool or np.issubdtype(v.dtype, np.integer)):
+            raise InputError(f"{k} must be a bool or integer array [{b}, {s}], got {v.dtype} {list(v.shape)}")
 
 
 def make_forward(cfg: GLMConfig, mesh: Mesh, *, collect_hidden: bool = False,
