@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,11 @@ QUANTIZE_BITS = {None: 0, "int8": 8, "int4": 4}
 # architecture fields: a checkpoint loads into a config only if these agree
 ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size", "vocab_size", "glu",
                 "tie_word_embeddings", "position_encoding_2d")
+
+
+def warn(msg: str) -> None:
+    """One `glmjax: warning: ...` line on stderr: the command goes on."""
+    print(f"glmjax: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def parse_location(text: str) -> tuple[str, str]:
@@ -110,6 +117,8 @@ def load_params(fmt: str, path: str, cfg: GLMConfig | None, mesh: Any, quantize:
     """
     if quantize not in QUANTIZE_BITS:
         raise GlmjaxError(f"quantize must be int8 or int4 (or none), got {quantize!r}")
+    if fmt == "run" and step is None:  # the newest step that loads; a damaged newer one is skipped
+        return newest_that_loads(RunDir(path), lambda s: load_params(fmt, path, cfg, mesh, quantize, s))
     bits = QUANTIZE_BITS[quantize]
     if cfg is not None and cfg.quantization_bits:
         if bits and bits != cfg.quantization_bits:
@@ -142,6 +151,28 @@ def load_params(fmt: str, path: str, cfg: GLMConfig | None, mesh: Any, quantize:
         qcfg, tree = quantize_source(cfg, source, bits)
         return qcfg, _place(tree, qcfg, mesh)
     return cfg, _place(engine.host_tree(sat_rules(cfg), cfg, source), cfg, mesh)
+
+
+def newest_that_loads(run: RunDir, load: Callable[[int], Any]) -> Any:
+    """load(step) of the newest committed step of `run` for which it raises no CheckpointError, with
+    one warning naming the newer steps that failed; nothing in the run directory is moved (reads
+    never modify it). When no step loads, the newest step's error."""
+    steps = run.steps()
+    if not steps:
+        raise CheckpointError(f"{run.path} holds no complete checkpoint yet")
+    failed: list[tuple[int, CheckpointError]] = []
+    for step in reversed(steps):
+        try:
+            result = load(step)
+        except CheckpointError as e:
+            failed.append((step, e))
+            continue
+        if failed:
+            warn(f"{run.path}: checkpoint of step {failed[0][0]} does not load ({failed[0][1]}); "
+                 f"using step {step}" + (f" (steps {', '.join(str(s) for s, _ in failed)} skipped)"
+                                         if len(failed) > 1 else ""))
+        return result
+    raise failed[0][1]
 
 
 def _place(tree: Any, cfg: GLMConfig, mesh: Any) -> Any:
@@ -273,8 +304,9 @@ class TrainCheckpoints:
     def __init__(self, directory: str, keep: int | None = None, create: bool = True):
         import orbax.checkpoint as ocp
 
+        self.directory = os.path.abspath(directory)
         self._mngr = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=create),
             item_names=(self.STATE, self.META),
             item_handlers={self.STATE: orbax_format.pytree_handler(), self.META: ocp.JsonCheckpointHandler()})
@@ -305,8 +337,30 @@ class TrainCheckpoints:
 
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
         args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-        restored = self._mngr.restore(step, args=ocp.args.Composite(state=args, meta=ocp.args.JsonRestore()))
+        orbax_format.check_tree_dir(os.path.join(self.directory, str(step), self.STATE), f"step {step}")
+        try:
+            restored = self._mngr.restore(step, args=ocp.args.Composite(state=args, meta=ocp.args.JsonRestore()))
+        except Exception:
+            orbax_format.quiet_abandoned_reads()
+            raise
         return restored[self.STATE], dict(restored[self.META])
+
+    def set_aside(self, step: int) -> str:
+        """Rename a damaged step's folder to `<step>.damaged` (or `.damaged-N`), so orbax no longer
+        lists it and a new save of that step does not collide; it is kept, never deleted. Returns
+        the new path."""
+        src = os.path.join(self.directory, str(step))
+        dst, n = f"{src}.damaged", 1
+        while os.path.lexists(dst):
+            n += 1
+            dst = f"{src}.damaged-{n}"
+        os.rename(src, dst)
+        self.reload()
+        return dst
+
+    def reload(self) -> None:
+        """Re-read the committed steps from disk (after a step folder was moved)."""
+        self._mngr.reload()
 
     def close(self) -> None:
         self._mngr.wait_until_finished()

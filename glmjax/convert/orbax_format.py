@@ -45,8 +45,12 @@ def read_meta(path: str) -> dict[str, Any]:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path} is unreadable: {e}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{meta_path}: not a {FORMAT} v{VERSION} checkpoint")
+    if meta.get("sat_iteration") is not None:  # joined into SAT output paths: digits only
+        from glmjax.convert.sat import check_iteration
+
+        check_iteration(meta["sat_iteration"], f"{meta_path}: sat_iteration")
     return meta
 
 
@@ -194,7 +198,9 @@ def orbax_source(path: str) -> tuple[GLMConfig, Source]:
 
 def tree_source(tree_dir: str, cfg: GLMConfig, prefix: Path, where: str) -> Source:
     """Host reads of the parameters (under key path `prefix`) of an orbax PyTree saved by glmjax:
-    each leaf's zarr array is opened with tensorstore and read one layer, or one slice, at a time."""
+    each leaf's zarr array is opened with tensorstore and read one layer, or one slice, at a time.
+    A missing chunk is an error, never zeros (glmjax and orbax store every chunk); a missing,
+    truncated or unreadable one is one CheckpointError naming the parameter."""
     import tensorstore as ts
 
     shapes = _leaves(cfg)
@@ -202,29 +208,75 @@ def tree_source(tree_dir: str, cfg: GLMConfig, prefix: Path, where: str) -> Sour
 
     def store(p: Path):
         if p not in stores:
-            spec = {"driver": "zarr", "kvstore": _kvstore(tree_dir, prefix + p)}
+            spec = {"driver": "zarr", "kvstore": _kvstore(tree_dir, prefix + p), "fill_missing_data_reads": False}
             try:
                 stores[p] = ts.open(spec, open=True).result()
             except Exception as e:
                 raise CheckpointError(f"{where}: parameter {'/'.join(p)} is missing or unreadable "
-                                      f"({str(e).splitlines()[0]})") from None
+                                      f"({first_line(e)})") from None
             if tuple(stores[p].shape) != shapes[p]:
                 raise CheckpointError(f"{where}: parameter {'/'.join(p)} has shape {tuple(stores[p].shape)}, "
                                       f"the config implies {shapes[p]}")
         return stores[p]
 
+    def read(p: Path, view: Any) -> np.ndarray:
+        try:
+            return np.asarray(view.read().result())
+        except Exception as e:
+            raise CheckpointError(f"{where}: parameter {'/'.join(p)} is damaged ({first_line(e)})") from None
+
     def get(p: Path, layer: int | None) -> np.ndarray:
         s = store(p)
-        return np.asarray((s if layer is None else s[layer]).read().result())
+        return read(p, s if layer is None else s[layer])
 
     def read_slice(p: Path, layer: int | None, idx: tuple[slice, ...]) -> np.ndarray:
         s = store(p) if layer is None else store(p)[layer]
-        return np.asarray((s[idx] if idx else s).read().result())
+        return read(p, s[idx] if idx else s)
 
     def dtype(p: Path) -> np.dtype:
         return np.dtype(store(p).dtype.numpy_dtype)
 
     return Source(get=get, dtype=dtype, read_slice=read_slice)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of the root cause of an exception: orbax wraps tensorstore's precise message
+    ("... local file X is missing", "Not enough data") in a generic one."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def quiet_abandoned_reads() -> None:
+    """After a failed orbax restore, tensorstore still completes the reads it had in flight and calls
+    back into orbax's closed event loop; Python reports each as an unraisable RuntimeError (or an
+    abandoned orbax coroutine) on stderr. Those reports say nothing the CheckpointError does not:
+    drop them, and only them (installed once, every other unraisable goes to the previous hook)."""
+    import sys
+
+    if getattr(sys.unraisablehook, "_glmjax_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(u):
+        exc, obj = u.exc_value, u.object
+        code = getattr(obj, "cr_code", None)
+        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or \
+                (code is not None and "orbax" in code.co_filename):
+            return
+        previous(u)
+
+    hook._glmjax_quiet = True
+    sys.unraisablehook = hook
+
+
+def check_tree_dir(tree_dir: str, where: str) -> None:
+    """An orbax PyTree folder restores only with its _METADATA (orbax's own error for a missing one
+    is about pytree structure): one clear line instead."""
+    meta = os.path.join(tree_dir, "_METADATA")
+    if not os.path.isfile(meta):
+        raise CheckpointError(f"cannot restore {where}: {meta} is missing")
 
 
 def restore_tree(tree_dir: str, mesh: jax.sharding.Mesh, cfg: GLMConfig, prefix: str | None = None,
@@ -241,11 +293,13 @@ def restore_tree(tree_dir: str, mesh: jax.sharding.Mesh, cfg: GLMConfig, prefix:
     item = {prefix: target} if prefix else target
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=bool(prefix))
+    check_tree_dir(tree_dir, where or tree_dir)
     try:
         with ocp.Checkpointer(pytree_handler()) as ckptr:
             restored = ckptr.restore(tree_dir, args=args)
     except Exception as e:
-        raise CheckpointError(f"cannot restore {where or tree_dir}: {str(e).splitlines()[0]}") from None
+        quiet_abandoned_reads()
+        raise CheckpointError(f"cannot restore {where or tree_dir}: {first_line(e)}") from None
     return restored[prefix] if prefix else restored
 
 

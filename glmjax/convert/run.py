@@ -20,13 +20,14 @@ from glmjax.outputs import atomic_dir
 def write(fmt: str, out_dir: str, cfg: GLMConfig, source: Source, *, tp: int | None,
           quantize: str | None, dtype: str | None, safetensors: bool, iteration: str | None = None) -> GLMConfig:
     """Write `source` in format `fmt` into the (empty) out_dir; returns the config written."""
+    check_tp_option(tp)
     if quantize and fmt != "sat":
         raise GlmjaxError("--quantize writes GLM-130B's quantized SAT layout: use it with --to sat:...")
     if tp is not None and fmt != "sat":
         raise GlmjaxError("--tp applies to SAT output only (orbax and Hugging Face files are not split)")
     if fmt == "sat":
         bits = {None: None, "int8": 8, "int4": 4}[quantize]
-        sat.write_sat_checkpoint(out_dir, source, cfg, tp or 1, dtype=dtype, quantize_bits=bits,
+        sat.write_sat_checkpoint(out_dir, source, cfg, 1 if tp is None else tp, dtype=dtype, quantize_bits=bits,
                                  iteration=iteration or "1")
         return cfg
     if fmt == "hf-chatglm":
@@ -36,6 +37,12 @@ def write(fmt: str, out_dir: str, cfg: GLMConfig, source: Source, *, tp: int | N
     orbax_format.write_params(out_dir, out_cfg, source, dtype,
                               extra_meta={"sat_iteration": iteration} if iteration else None)
     return out_cfg
+
+
+def check_tp_option(tp: int | None) -> None:
+    """--tp is a tensor-parallel degree: 0 or a negative number is refused, not taken as 1."""
+    if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
+        raise GlmjaxError(f"--tp must be a tensor-parallel degree >= 1, got {tp}")
 
 
 def verify_prompt(cfg: GLMConfig, length: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
@@ -90,6 +97,7 @@ def convert(src: str, dst: str, *, cfg: GLMConfig | None = None, tp: int | None 
     dfmt, dpath = parse_location(dst)
     if os.path.abspath(spath) == os.path.abspath(dpath):
         raise GlmjaxError("source and destination are the same directory")
+    check_tp_option(tp)
     t0 = time.perf_counter()
     if dfmt == "run":
         raise GlmjaxError("run directories are written by `glmjax train`; convert into sat, orbax or hf-chatglm")

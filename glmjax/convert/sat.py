@@ -24,6 +24,7 @@ from glmjax.errors import CheckpointError, GlmjaxError
 from glmjax.model import quant
 
 SHARD_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+ITERATION_RE = re.compile(r"[0-9]+")  # an iteration names a folder of its checkpoint: digits, nothing else
 # A buffer SAT recomputes and never loads (GLM-130B issue #18); SAT's state_dict() carries it.
 INV_FREQ_KEY = "mixins.rotary-embedding.rotary_emb.inv_freq"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -31,6 +32,15 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def shard_name(rank: int) -> str:
     return f"mp_rank_{rank:02d}_model_states.pt"
+
+
+def check_iteration(iteration: str, where: str) -> str:
+    """An iteration is digits only: it is joined into read and write paths, so `..`, `/` or an
+    absolute path would reach files outside the checkpoint."""
+    if not isinstance(iteration, str) or not ITERATION_RE.fullmatch(iteration):
+        raise CheckpointError(f"{where}: iteration {iteration!r} must be a string of digits (it names a "
+                              f"folder inside the checkpoint)")
+    return iteration
 
 
 def find_shards(ckpt_dir: str) -> tuple[str, list[str]]:
@@ -42,8 +52,9 @@ def find_shards(ckpt_dir: str) -> tuple[str, list[str]]:
         raise CheckpointError(f"SAT checkpoint {ckpt_dir} has no 'latest' file naming its iteration")
     with open(latest, encoding="utf-8", errors="replace") as fh:
         iteration = fh.read().strip()
+    check_iteration(iteration, f"SAT checkpoint {ckpt_dir}: 'latest'")
     it_dir = os.path.join(ckpt_dir, iteration)
-    if not iteration or not os.path.isdir(it_dir):
+    if not os.path.isdir(it_dir):
         raise CheckpointError(f"SAT checkpoint {ckpt_dir}: 'latest' names iteration {iteration!r} "
                               f"but {it_dir} does not exist")
     ranks = {}
@@ -298,6 +309,12 @@ def sat_inv_freq(cfg: GLMConfig) -> np.ndarray:
     return inv.astype(np.float16 if cfg.rotary_dtype == "float16" else np.float32)
 
 
+def _inside(root: str, path: str) -> bool:
+    """Whether `path`, links resolved, lies under `root` (links resolved)."""
+    root, path = os.path.realpath(root), os.path.realpath(path)
+    return os.path.commonpath([root, path]) == root
+
+
 def write_sat_checkpoint(out_dir: str, source: Source, cfg: GLMConfig, tp: int, *,
                          dtype: str | None = None, quantize_bits: int | None = None,
                          iteration: str = "1") -> list[str]:
@@ -308,6 +325,11 @@ def write_sat_checkpoint(out_dir: str, source: Source, cfg: GLMConfig, tp: int, 
     scales computed on each shard's rows (as tools/convert_tp.py). Returns the files written.
     """
     check_tp(cfg, tp, "SAT output")
+    it_dir = os.path.join(out_dir, check_iteration(iteration, "SAT output"))
+    paths = [os.path.join(it_dir, shard_name(rank)) for rank in range(tp)]
+    for path in (it_dir, *paths, os.path.join(out_dir, "latest")):
+        if not _inside(out_dir, path):
+            raise CheckpointError(f"SAT output: {path} resolves outside {out_dir}")
     rules = list(engine.ordered(sat_rules(cfg), cfg))
     inv = sat_inv_freq(cfg)
     inv_parts = np.split(inv, tp) if len(inv) % tp == 0 else [inv] * tp  # convert_tp.py chunks it too
@@ -323,8 +345,7 @@ def write_sat_checkpoint(out_dir: str, source: Source, cfg: GLMConfig, tp: int, 
         else:
             specs.append((rule.key(i), shape, out_dt or source.dtype(rule.path)))
 
-    os.makedirs(os.path.join(out_dir, iteration), exist_ok=True)
-    paths = [os.path.join(out_dir, iteration, shard_name(rank)) for rank in range(tp)]
+    os.makedirs(it_dir, exist_ok=True)
     files = [StreamingTorchFile(path, [(INV_FREQ_KEY, inv_parts[r].shape, inv_parts[r].dtype)] + specs)
              for r, path in enumerate(paths)]
     try:

@@ -17,8 +17,9 @@ import numpy as np
 
 from glmjax import checkpoint as ckpt
 from glmjax.config import GLMConfig
+from glmjax.convert.orbax_format import first_line
 from glmjax.data import pipeline
-from glmjax.errors import ConfigError, GlmjaxError
+from glmjax.errors import CheckpointError, ConfigError, GlmjaxError
 from glmjax.experiment import Experiment
 from glmjax.model.api import init_params
 from glmjax.parallel.mesh import make_mesh
@@ -122,15 +123,17 @@ class Trainer:
         t0 = time.perf_counter()
         self.step_fn = S.TrainStep(cfg, exp.optim, exp.loss_scale, self.mesh, t.micro_batch, exp.objective.seq_length)
         self.compile_seconds = time.perf_counter() - t0
-        if latest is not None:
-            self.state, self.data_position = self._restore(latest)
-            log(f"resumed from {t.checkpoint_dir} step {latest} (data position {self.data_position})")
+        resumed = self._resume() if latest is not None else None
+        if resumed is not None:
+            step, (self.state, self.data_position) = resumed
+            log(f"resumed from {t.checkpoint_dir} step {step} (data position {self.data_position})")
         else:
             self.state, self.data_position = self._fresh_state(), 0
         if jax.process_index() == 0:
             self.run_dir.write(cfg, exp.to_yaml(), shards.manifest.get("tokenizer"))
         self.report = Reporter(t.checkpoint_dir, t.steps, int(self.state.step), log,
                                enabled=jax.process_index() == 0)
+        self.report.mark_resume(int(self.state.step))
         self.guard, self.rollbacks = SpikeGuard(t.spike_threshold, t.spike_window), 0
         self.flops_per_token = model_flops_per_token(cfg, exp.objective.seq_length)
         self.peak_tflops = t.peak_tflops or device_peak_tflops(self.mesh.devices.flat[0])
@@ -150,6 +153,39 @@ class Trainer:
         else:
             params = init_params(cfg, jax.random.key(t.seed), self.mesh)
         return S.init_state(cfg, params, self.exp.optim, self.exp.loss_scale, t.seed, self.mesh)
+
+    def _resume(self) -> tuple[int, tuple[S.TrainState, int]]:
+        """(step, restored) of the newest checkpoint that restores. Newer ones that do not (a deleted
+        or truncated file, a missing _METADATA) are set aside as `<step>.damaged` -- kept, never
+        deleted -- with one warning each, but only once an older step has restored: when none
+        restores (a changed optimizer, say) nothing is moved and the newest step's error is raised."""
+        failed: list[tuple[int, str]] = []
+        for step in reversed(self.checkpoints.all_steps()):
+            try:
+                restored = self._restore(step)
+            except Exception as e:  # orbax and tensorstore raise many types for a damaged step
+                failed.append((step, first_line(e)))
+                continue
+            for bad, why in failed:
+                kept = self._set_aside(bad)
+                ckpt.warn(f"{self.exp.train.checkpoint_dir}: checkpoint of step {bad} does not restore ({why}); "
+                          f"kept aside as {kept}, resuming from step {step}")
+            return step, restored
+        bad, why = failed[0]
+        raise CheckpointError(f"cannot resume {self.exp.train.checkpoint_dir}: no checkpoint restores "
+                              f"(step {bad}: {why})")
+
+    def _set_aside(self, step: int) -> str:
+        """Process 0 renames the damaged step; every process then re-reads the step list."""
+        kept = f"{self.checkpoints.directory}/{step}.damaged"
+        if jax.process_index() == 0:
+            kept = self.checkpoints.set_aside(step)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"glmjax set aside step {step}")
+            self.checkpoints.reload()
+        return kept
 
     def _restore(self, step: int) -> tuple[S.TrainState, int]:
         """Checkpoint `step` onto the shardings the step was compiled for: (state, data position)."""

@@ -63,10 +63,34 @@ class Reporter:
             self._log(msg)
 
     def event(self, record: dict[str, Any]) -> None:
-        """A guard action (rollback, ...): into the JSONL file, beside the steps."""
+        """A guard or resume action (rollback, resume, ...): into the JSONL file, beside the steps."""
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def mark_resume(self, step: int) -> list[int]:
+        """Before a run (re)started at `step` logs anything: when metrics.jsonl already has lines of
+        later steps (a kill after logging past the last checkpoint), a record
+        {"event": "resume", "step": step, "superseded_steps": [...]} telling readers that the lines
+        to come replace those. Returns the superseded steps ([] and nothing written when none)."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return []
+        later: set[int] = set()
+        with open(self.path, "rb") as f:
+            data = f.read()
+        for line in data.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short by the kill
+                continue
+            if isinstance(rec, dict) and "event" not in rec and isinstance(rec.get("step"), int) and rec["step"] > step:
+                later.add(rec["step"])
+        if data and not data.endswith(b"\n"):  # never glue the marker onto a cut line
+            with open(self.path, "a") as f:
+                f.write("\n")
+        if later:
+            self.event({"event": "resume", "step": step, "superseded_steps": sorted(later)})
+        return sorted(later)
 
     def step(self, m: dict[str, Any], log_line: bool) -> None:
         if not self.enabled:
