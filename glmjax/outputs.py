@@ -1,11 +1,13 @@
-"""Every output glmjax writes is written whole: into a private temporary beside its destination,
+"""Files on disk, safely. Every output glmjax writes is written whole: into a private temporary beside its destination,
 renamed into place only when complete, so an interrupted run never leaves a half-written file or
 directory under the output's name and never loses the previous one.
 
 Temporaries carry the writer's PID (`.NAME.partial-PID`, `.NAME.old-PID`, `.NAME.tmp-PID-XXXX`), so
 the next run for the same destination can tell what a killed run left behind and clear it up; the
 leftovers of a process that still runs are never touched. (PIDs are checked on this machine only:
-two hosts must not write one destination on a shared file system at the same time.)"""
+two hosts must not write one destination on a shared file system at the same time.) A file name read
+from a file (a corpus manifest, a weight index) is taken only as a plain name inside its directory
+(inside)."""
 from __future__ import annotations
 
 import contextlib
@@ -21,6 +23,15 @@ from glmjax.errors import GlmjaxError
 
 # temporaries this process is writing now: its own PID alone cannot tell (a container reuses PIDs)
 _ACTIVE: set[str] = set()
+
+
+def inside(root: str, name: object, what: str) -> str:
+    """root/name for a file name that a file (manifest, index) names: a plain name, never a path that
+    climbs out of root or is absolute; one clear error otherwise."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name
+            or (os.altsep and os.altsep in name)):
+        raise GlmjaxError(f"{what} names {name!r}: only a plain file name inside {root} is allowed")
+    return os.path.join(root, name)
 
 
 def warn(msg: str) -> None:

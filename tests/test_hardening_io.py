@@ -424,3 +424,53 @@ def test_non_utf8_stdin_to_the_tokenizer_is_one_line(corpus, monkeypatch, capsys
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"A \xff 12"), encoding="utf-8"))
     assert main(["tokenizer", action, "--tokenizer", str(corpus / "tok")]) == 2
     assert "standard input is not UTF-8 (invalid start byte at byte 2)" in one_error_line(capsys)
+
+
+def test_file_names_read_from_a_manifest_or_an_index_never_leave_their_directory(corpus, tmp_path, capsys):
+    """A corpus manifest or a Hugging Face weight index naming `../x` or `/x` is refused in one line."""
+    d = corpus
+    for bad in ("../victim.bin", "/etc/passwd"):
+        data = tmp_path / f"data{len(bad)}"
+        shutil.copytree(d / "data", data)
+        manifest = json.loads((data / "manifest.json").read_text())
+        manifest["shards"][0]["tokens"] = bad
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(GlmjaxError, match="only a plain file name"):
+            pipeline.TokenShards(str(data))
+    from glmjax import config as C
+    from glmjax.convert.hf_chatglm import config_to_hf
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    cfg = C.resolve("glm-test", overrides={"position_encoding_2d": True, "glu": False,
+                                           "tie_word_embeddings": False})
+    (hf / "config.json").write_text(json.dumps(config_to_hf(cfg, "float32")))
+    (tmp_path / "victim.bin").write_bytes(b"x")
+    (hf / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "../victim.bin"}}))
+    assert main(["convert", "--from", f"hf-chatglm:{hf}", "--to", f"orbax:{tmp_path / 'out'}"]) == 2
+    assert "only a plain file name" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_overwrite_killed_mid_write_keeps_the_previous_output(tmp_path, capsys):
+    """kill -9 while `convert --overwrite` writes its replacement: the old output is still there, whole;
+    the next run clears the partial and replaces it."""
+    out = tmp_path / "OUT"
+    assert main(["convert", "--from", f"sat:{SAT}", "--to", f"orbax:{out}", "--config", CFG, "--dtype",
+                 "float16"]) == 0
+    before = snapshot(out)
+    argv = ["convert", "--from", f"sat:{SAT}", "--to", f"orbax:{out}", "--config", CFG, "--overwrite"]
+    p = subprocess.Popen([sys.executable, "-m", "glmjax", *argv], env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    partial = tmp_path / f".OUT.partial-{p.pid}"
+    deadline = time.monotonic() + 120
+    while not partial.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    p.kill()
+    p.wait()
+    assert partial.is_dir(), "the conversion ended before it could be killed"
+    assert snapshot(out) == before  # the previous output, byte for byte
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"removed {partial}" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["OUT"] and snapshot(out) != before

@@ -23,6 +23,7 @@ from glmjax.convert.engine import Source
 from glmjax.convert.tables import hf_chatglm_rules
 from glmjax.convert.torch_files import TorchZipReader, save_streaming
 from glmjax.errors import CheckpointError
+from glmjax.outputs import inside
 
 INV_FREQ = "transformer.layers.{i}.attention.rotary_emb.inv_freq"
 # modeling_chatglm.py builds every GLMBlock with its default num_layers=28: alpha = sqrt(2 * 28)
@@ -140,12 +141,16 @@ def _weight_files(ckpt_dir: str) -> list[str]:
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if os.path.isfile(os.path.join(ckpt_dir, index)):
-            with open(os.path.join(ckpt_dir, index)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            for name in files:
-                if not os.path.isfile(os.path.join(ckpt_dir, name)):
+            try:
+                with open(os.path.join(ckpt_dir, index), encoding="utf-8") as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{ckpt_dir}/{index} is not a weight index: {e}") from None
+            paths = [inside(ckpt_dir, name, os.path.join(ckpt_dir, index)) for name in files]
+            for name, path in zip(files, paths):
+                if not os.path.isfile(path):
                     raise CheckpointError(f"{ckpt_dir}: {index} names {name}, which is missing")
-            return [os.path.join(ckpt_dir, n) for n in files]
+            return paths
         if os.path.isfile(os.path.join(ckpt_dir, single)):
             return [os.path.join(ckpt_dir, single)]
     raise CheckpointError(f"{ckpt_dir} holds no ChatGLM weights (model*.safetensors or pytorch_model*.bin)")

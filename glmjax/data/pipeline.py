@@ -27,6 +27,7 @@ import numpy as np
 from glmjax.data.objective import Ids, ObjectiveConfig, Sample, TokenStream, make_sequence
 from glmjax.data.tokenizer import GLMTokenizer, load_tokenizer
 from glmjax.errors import InputError
+from glmjax.outputs import inside
 
 MANIFEST = "manifest.json"
 SHARD_TOKENS = 64 << 20  # tokens per shard file (256 MB of uint32)
@@ -238,7 +239,8 @@ def _read_manifest(data_dir: str) -> dict[str, Any]:
 
 def _open_shard(data_dir: str, sh: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(tokens memory-mapped, document offsets) of one shard, both checked against the manifest."""
-    tpath, dpath = os.path.join(data_dir, sh["tokens"]), os.path.join(data_dir, sh["docs"])
+    where = os.path.join(data_dir, MANIFEST)
+    tpath, dpath = inside(data_dir, sh["tokens"], where), inside(data_dir, sh["docs"], where)
     for p in (tpath, dpath):
         if not os.path.isfile(p):
             raise InputError(f"corpus shard file {p} is missing")
@@ -289,7 +291,8 @@ class TokenShards:
             self.docs += [(tokens, int(a), int(b)) for a, b in zip(offs[:-1], offs[1:])]
         self.instructions: list[tuple[list[int], list[int]]] = []
         if self.manifest.get("instructions"):
-            self.instructions = _read_instructions_file(os.path.join(data_dir, self.manifest["instructions"]))
+            self.instructions = _read_instructions_file(inside(data_dir, self.manifest["instructions"],
+                                                               os.path.join(data_dir, MANIFEST)))
 
     def __len__(self) -> int:
         return len(self.docs)
