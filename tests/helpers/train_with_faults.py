@@ -2,7 +2,8 @@
 switches): `python train_with_faults.py [--kill-after-step N] [--kill-during-save N]
 [--spike-at-step N] EXPERIMENT [section.key=value ...]`.
 
---kill-after-step N   SIGKILL right after step N's metrics are known
+--kill-after-step N   SIGKILL right after step N's metrics are known, once the saves dispatched before
+                      it are committed (so the test knows which checkpoint the restart finds)
 --kill-during-save N  SIGKILL right after the save of step N is dispatched, its files still being written
 --spike-at-step N     multiply step N's loss by 100 (the spike guard must roll back)
 """
@@ -28,6 +29,7 @@ def main() -> int:
         if a.spike_at_step and m["step"] == a.spike_at_step:
             m["loss"] *= 100.0
         if a.kill_after_step and m["step"] >= a.kill_after_step:
+            trainer.checkpoints.wait()
             os.kill(os.getpid(), signal.SIGKILL)
 
     def after_save(trainer, step):
