@@ -6,6 +6,7 @@ reads over directly. The config is passed explicitly to every module; there is n
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -258,10 +259,8 @@ def _coerce(value: Any, kind: Any) -> Any:
             return None
         for a in args:
             if a is not type(None):
-                try:
+                with contextlib.suppress(TypeError, ValueError):
                     return _coerce(value, a)
-                except (TypeError, ValueError):
-                    pass
         raise ValueError(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

@@ -86,7 +86,7 @@ class Experiment:
         import yaml
 
         class Dumper(yaml.SafeDumper):
-            pass
+            """Mappings in block style, lists inline."""
 
         Dumper.add_representer(dict, lambda d, x: d.represent_mapping("tag:yaml.org,2002:map", x.items(), False))
         Dumper.add_representer(list, lambda d, x: d.represent_sequence("tag:yaml.org,2002:seq", x, True))

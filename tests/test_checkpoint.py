@@ -10,7 +10,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from helpers import assert_close_scaled, bilingual_lines, case_dir, prepared_corpus
+from helpers import assert_close_scaled, bilingual_lines, case_dir, prepared_corpus, tiny_experiment
 
 from glmjax import checkpoint
 from glmjax.cli import main
@@ -35,31 +35,8 @@ CHATGLM = f"""  num_layers: 2
 
 
 def write_experiment(d, model: str, vocab: int, ckpt, steps=2, extra=""):
-    path = d / f"exp-{os.path.basename(str(ckpt))}.yaml"
-    path.write_text(f"""model:
-{model}  vocab_size: {vocab}
-  max_sequence_length: 64
-  hidden_dropout: 0.0
-  attention_dropout: 0.0
-data:
-  path: {d / 'data'}
-objective:
-  window: 16
-optim:
-  lr: 0.01
-  min_lr: 0.001
-  warmup_samples: 8
-  decay_samples: 100
-  rampup_batch_size: null
-  global_batch: 8
-train:
-  steps: {steps}
-  micro_batch: 8
-  mesh: data=2,fsdp=2,tensor=2
-  checkpoint_dir: {ckpt}
-  checkpoint_every: 1
-{extra}""")
-    return str(path)
+    return tiny_experiment(d / f"exp-{os.path.basename(str(ckpt))}.yaml", d / "data", ckpt, vocab, model=model,
+                           steps=steps, mesh="data=2,fsdp=2,tensor=2", extra=extra)
 
 
 @pytest.fixture(scope="module")

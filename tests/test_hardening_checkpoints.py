@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import bilingual_lines, case_dir, prepared_corpus
+from helpers import bilingual_lines, case_dir, prepared_corpus, tiny_experiment
 
 from glmjax import checkpoint
 from glmjax import config as C
@@ -129,34 +129,9 @@ def test_a_damaged_orbax_chunk_is_refused_by_convert(orbax_ckpt, tmp_path, capsy
 
 # --- a tiny run with checkpoints at steps 1, 2, 3 -------------------------------------------------------
 def write_experiment(d, ckpt, steps=3, every=1):
-    path = d / f"exp-{os.path.basename(str(ckpt))}-{steps}-{every}.yaml"
-    path.write_text(f"""model:
-  num_layers: 2
-  hidden_size: 32
-  num_attention_heads: 2
-  inner_hidden_size: 64
-  vocab_size: {(d / 'vocab').read_text()}
-  max_sequence_length: 32
-  hidden_dropout: 0.0
-  attention_dropout: 0.0
-data:
-  path: {d / 'data'}
-objective:
-  window: 16
-optim:
-  lr: 0.01
-  min_lr: 0.001
-  warmup_samples: 8
-  decay_samples: 100
-  rampup_batch_size: null
-  global_batch: 8
-train:
-  steps: {steps}
-  micro_batch: 8
-  checkpoint_dir: {ckpt}
-  checkpoint_every: {every}
-""")
-    return str(path)
+    small = "  num_layers: 2\n  hidden_size: 32\n  num_attention_heads: 2\n  inner_hidden_size: 64\n"
+    return tiny_experiment(d / f"exp-{os.path.basename(str(ckpt))}-{steps}-{every}.yaml", d / "data", ckpt,
+                           (d / "vocab").read_text(), model=small, steps=steps, every=every, seq=32)
 
 
 @pytest.fixture(scope="module")

@@ -55,17 +55,23 @@ def corpus(tmp_path_factory):
 
 
 # --- 1. leftovers of interrupted runs -------------------------------------------------------------------
-def test_convert_killed_mid_write_leaves_a_partial_that_the_next_run_removes(tmp_path, capsys):
-    out = tmp_path / "OUT"
-    argv = ["convert", "--from", f"sat:{SAT}", "--to", f"orbax:{out}", "--config", CFG]
+def kill_once_partial(argv, prefix):
+    """Start `glmjax ARGV`, kill -9 it (no handler runs) once its `PREFIX.partial-PID` appears; the partial."""
     p = subprocess.Popen([sys.executable, "-m", "glmjax", *argv], env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    partial = tmp_path / f".OUT.partial-{p.pid}"
+    partial = prefix.parent / f"{prefix.name}.partial-{p.pid}"
     deadline = time.monotonic() + 120
     while not partial.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
-    p.kill()  # kill -9: no handler runs, the partial stays
+    p.kill()
     p.wait()
+    return partial
+
+
+def test_convert_killed_mid_write_leaves_a_partial_that_the_next_run_removes(tmp_path, capsys):
+    out = tmp_path / "OUT"
+    argv = ["convert", "--from", f"sat:{SAT}", "--to", f"orbax:{out}", "--config", CFG]
+    partial = kill_once_partial(argv, tmp_path / ".OUT")
     assert partial.is_dir() and not out.exists(), "the conversion ended before it could be killed"
     assert main(argv) == 0
     err = capsys.readouterr().err
@@ -460,14 +466,7 @@ def test_convert_overwrite_killed_mid_write_keeps_the_previous_output(tmp_path, 
                  "float16"]) == 0
     before = snapshot(out)
     argv = ["convert", "--from", f"sat:{SAT}", "--to", f"orbax:{out}", "--config", CFG, "--overwrite"]
-    p = subprocess.Popen([sys.executable, "-m", "glmjax", *argv], env=ENV, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    partial = tmp_path / f".OUT.partial-{p.pid}"
-    deadline = time.monotonic() + 120
-    while not partial.exists() and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    p.kill()
-    p.wait()
+    partial = kill_once_partial(argv, tmp_path / ".OUT")
     assert partial.is_dir(), "the conversion ended before it could be killed"
     assert snapshot(out) == before  # the previous output, byte for byte
     capsys.readouterr()

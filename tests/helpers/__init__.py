@@ -102,3 +102,38 @@ def bilingual_lines(n, seed):
         else:
             lines.append("".join(rng.choice(HANZI) for _ in range(rng.randint(8, 30))) + rng.choice("。，！？"))
     return lines
+
+
+TINY_MODEL = """  num_layers: 2
+  hidden_size: 64
+  num_attention_heads: 4
+  inner_hidden_size: 128
+"""
+
+
+def tiny_experiment(path, data, ckpt, vocab, *, model=TINY_MODEL, steps=2, every=1, seq=64, mesh=None,
+                    extra=""):
+    """An experiment file for a tiny GLM trained in seconds on the corpus in `data`; returns its path."""
+    path.write_text(f"""model:
+{model}  vocab_size: {vocab}
+  max_sequence_length: {seq}
+  hidden_dropout: 0.0
+  attention_dropout: 0.0
+data:
+  path: {data}
+objective:
+  window: 16
+optim:
+  lr: 0.01
+  min_lr: 0.001
+  warmup_samples: 8
+  decay_samples: 100
+  rampup_batch_size: null
+  global_batch: 8
+train:
+  steps: {steps}
+  micro_batch: 8
+{f"  mesh: {mesh}" + chr(10) if mesh else ""}  checkpoint_dir: {ckpt}
+  checkpoint_every: {every}
+{extra}""")
+    return str(path)
