@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -28,17 +27,13 @@ from glmjax.convert import engine, hf_chatglm, orbax_format, sat
 from glmjax.convert.engine import Source
 from glmjax.convert.tables import sat_rules
 from glmjax.errors import CheckpointError, GlmjaxError
+from glmjax.outputs import atomic_dir, atomic_file, warn
 
 FORMATS = ("run", "orbax", "sat", "hf-chatglm")
 QUANTIZE_BITS = {None: 0, "int8": 8, "int4": 4}
 # architecture fields: a checkpoint loads into a config only if these agree
 ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size", "vocab_size", "glu",
                 "tie_word_embeddings", "position_encoding_2d")
-
-
-def warn(msg: str) -> None:
-    """One `glmjax: warning: ...` line on stderr: the command goes on."""
-    print(f"glmjax: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def parse_location(text: str) -> tuple[str, str]:
@@ -279,18 +274,16 @@ class RunDir:
         os.makedirs(self.path, exist_ok=True)
         tok_copy = self.file(self.TOKENIZER)
         if tokenizer_dir and os.path.isdir(tokenizer_dir) and not os.path.isdir(tok_copy):
-            shutil.copytree(tokenizer_dir, tok_copy + ".tmp", dirs_exist_ok=True)
-            os.replace(tok_copy + ".tmp", tok_copy)
+            with atomic_dir(tok_copy, overwrite=False) as tmp:
+                shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
         info = {"model": cfg.to_dict(), "tokenizer": self.TOKENIZER if os.path.isdir(tok_copy) else None}
         _write_text(self.file(self.INFO), json.dumps(info, indent=2))
         _write_text(self.file(self.EXPERIMENT), experiment_yaml)
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 class TrainCheckpoints:

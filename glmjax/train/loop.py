@@ -22,6 +22,7 @@ from glmjax.data import pipeline
 from glmjax.errors import CheckpointError, ConfigError, GlmjaxError
 from glmjax.experiment import Experiment
 from glmjax.model.api import init_params
+from glmjax.outputs import warn
 from glmjax.parallel.mesh import make_mesh
 from glmjax.train import optim, precision
 from glmjax.train import step as S
@@ -168,7 +169,7 @@ class Trainer:
                 continue
             for bad, why in failed:
                 kept = self._set_aside(bad)
-                ckpt.warn(f"{self.exp.train.checkpoint_dir}: checkpoint of step {bad} does not restore ({why}); "
+                warn(f"{self.exp.train.checkpoint_dir}: checkpoint of step {bad} does not restore ({why}); "
                           f"kept aside as {kept}, resuming from step {step}")
             return step, restored
         bad, why = failed[0]
