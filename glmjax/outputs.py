@@ -2,7 +2,7 @@
 renamed into place only when complete, so an interrupted run never leaves a half-written file or
 directory under the output's name and never loses the previous one.
 
-Temporaries carry the writer's PID (`.NAME.partial-PID`, `.NAME.old-PID`, `.NAME.tmp-PID-XXXX`), so
+Temporaries carry the writer's PID (`.NAME.partial-PID`, `.NAME.old-PID`, `.NAME.tmp-PID-<random>`), so
 the next run for the same destination can tell what a killed run left behind and clear it up; the
 leftovers of a process that still runs are never touched. (PIDs are checked on this machine only:
 two hosts must not write one destination on a shared file system at the same time.) A file name read

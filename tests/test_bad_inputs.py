@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import bilingual_lines, case_dir, prepared_corpus
+from helpers import bilingual_lines, case_dir, prepared_corpus, tiny_experiment
 
 from glmjax import config as C
 from glmjax.convert import run as convert_run
@@ -18,27 +18,6 @@ TINY = case_dir("glm130b_tiny_fp16rope")
 CFG = os.path.join(TINY, "config.json")
 CASES_SCRIPT = os.path.join(os.path.dirname(__file__), "helpers", "cli_cases.py")
 
-EXPERIMENT = """model:
-  num_layers: 2
-  hidden_size: 64
-  num_attention_heads: 4
-  inner_hidden_size: 128
-  vocab_size: 22000
-  max_sequence_length: 64
-data:
-  path: {data}
-objective:
-  window: 16
-optim:
-  lr: 0.01
-  min_lr: 0.001
-  rampup_batch_size: null
-  global_batch: 8
-train:
-  steps: 2
-  micro_batch: 8
-  checkpoint_dir: {root}/never-written
-"""
 
 
 def _npz(path, b=2, s=8, **extra):
@@ -69,12 +48,15 @@ def scratch(tmp_path_factory):
         shutil.copytree(root / "data", root / name)
     (root / "data_bad_manifest" / "manifest.json").write_text("{not json")
     (root / "data_missing_shard" / "tokens-00000.bin").unlink()
-    (root / "exp.yaml").write_text(EXPERIMENT.format(data=root / "data", root=root))
+    exp = lambda path, data: tiny_experiment(path, data, root / "never-written", 22000)  # noqa: E731
+    exp(root / "exp.yaml", root / "data")
     for name, data in (("exp_bad_manifest.yaml", "data_bad_manifest"),
                        ("exp_missing_shard.yaml", "data_missing_shard")):
-        (root / name).write_text(EXPERIMENT.format(data=root / data, root=root))
+        exp(root / name, root / data)
     (root / "bad_utf8.yaml").write_bytes(b"model:\n  preset: glm-test\n  # \xff\xfe\n")
-    (root / "list_section.yaml").write_text(EXPERIMENT.format(data=root / "data", root=root) + "objective: [1, 2]\n")
+    exp(root / "list_section.yaml", root / "data")
+    with open(root / "list_section.yaml", "a") as f:
+        f.write("objective: [1, 2]\n")
     _npz(root / "in.npz")
     _npz(root / "batch0.npz", b=0)
     _npz(root / "seq0.npz", s=0)

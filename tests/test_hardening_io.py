@@ -94,7 +94,7 @@ def test_old_output_of_a_dead_run_is_put_back_when_the_output_is_missing(tmp_pat
     (old / "weights").write_text("complete")
     with pytest.raises(GlmjaxError, match="exists; pass --overwrite"):
         with outputs.atomic_dir(str(tmp_path / "out"), overwrite=False):
-            pass
+            raise AssertionError("atomic_dir must refuse before its body runs")
     assert (tmp_path / "out" / "weights").read_text() == "complete"
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert f"glmjax: warning: restored {tmp_path / 'out'} from {old}" in capsys.readouterr().err
