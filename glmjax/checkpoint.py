@@ -251,7 +251,10 @@ class RunDir:
 
     def steps(self) -> list[int]:
         """Committed checkpoint steps, oldest first."""
-        return TrainCheckpoints(self.path, create=False).all_steps()
+        import orbax.checkpoint as ocp
+
+        # listed, not opened through a CheckpointManager: that synchronises every process of a job
+        return sorted(ocp.utils.checkpoint_steps(self.path)) if os.path.isdir(self.path) else []
 
     def step(self, step: int | None = None) -> int:
         """`step` if it is committed, else the newest committed one; one clear error otherwise."""

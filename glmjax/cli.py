@@ -1,13 +1,15 @@
-"""`glmjax` command line: info | forward | convert | tokenizer | data | train | generate.
+"""`glmjax` command line: info | forward | convert | tokenizer | data | train | generate | launch.
 
-Bad input ends in one `glmjax: error: ...` line and exit status 2."""
+Bad input ends in one `glmjax: error: ...` line and exit status 2. In a job of several processes
+(`glmjax launch`, a pod, a cluster) every process runs the same command; process 0 alone writes
+outputs and prints results."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from glmjax import config as C
@@ -95,6 +97,7 @@ def cmd_forward(a: argparse.Namespace) -> int:
 
     from glmjax import checkpoint
     from glmjax.model import api
+    from glmjax.parallel import distributed
     from glmjax.parallel.mesh import make_mesh
 
     check_output(a.output)
@@ -114,12 +117,14 @@ def cmd_forward(a: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     fwd = api.make_forward(cfg, mesh, collect_hidden=a.hidden_states)
     logits, per_layer = fwd(params, batch)
-    logits = np.asarray(jax.device_get(logits), np.float32)
+    logits = distributed.to_host(logits).astype(np.float32)
     t2 = time.perf_counter()
     out = {"logits": logits}
     if a.hidden_states:
-        hs = np.asarray(jax.device_get(per_layer["hidden_states"]), np.float32)
+        hs = distributed.to_host(per_layer["hidden_states"]).astype(np.float32)
         out.update({f"hidden_states_layer{i}": hs[i] for i in range(cfg.num_layers)})
+    if not distributed.is_primary():
+        return 0
     _write_npz(a.output, out)
     print(f"wrote {a.output}: logits {list(logits.shape)} float32, max|logit| {np.abs(logits).max():.6g} "
           f"(mesh {dict(mesh.shape)}, dtype {cfg.dtype}; load {t1 - t0:.2f} s, forward {t2 - t1:.2f} s)"
@@ -132,6 +137,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
     from glmjax.checkpoint import parse_location
     from glmjax.convert import run
+    from glmjax.parallel import distributed
     from glmjax.parallel.mesh import make_mesh
 
     def interrupted(signum, frame):  # SIGTERM behaves like Ctrl-C: the partial output is removed
@@ -145,20 +151,44 @@ def cmd_convert(a: argparse.Namespace) -> int:
     cfg = C.resolve(None, a.config, a.overrides) if a.config else None
     if a.verify:
         make_mesh(a.mesh)  # a bad mesh spec fails before any work
-    res = run.convert(a.src, a.dst, cfg=cfg, tp=a.tp, quantize=a.quantize, dtype=a.dtype,
-                      overwrite=a.overwrite, safetensors=a.safetensors, step=a.step)
-    gb = res["bytes"] / 1e9
-    print(f"wrote {a.dst}: {gb:.3f} GB in {res['seconds']:.1f} s ({gb / max(res['seconds'], 1e-9):.2f} GB/s)")
+    primary = distributed.is_primary()
+    if distributed.process_count() == 1:
+        res = run.convert(a.src, a.dst, cfg=cfg, tp=a.tp, quantize=a.quantize, dtype=a.dtype,
+                          overwrite=a.overwrite, safetensors=a.safetensors, step=a.step)
+        gb = res["bytes"] / 1e9
+        print(f"wrote {a.dst}: {gb:.3f} GB in {res['seconds']:.1f} s ({gb / max(res['seconds'], 1e-9):.2f} GB/s)")
+    else:  # host work, done once: process 0 converts, the others wait; --verify then runs on all
+        status = _convert_alone(a.cli_argv) if primary else 0
+        distributed.barrier("glmjax convert written")
+        if distributed.any_process(status != 0):
+            return status or 2
     if not a.verify:
         return 0
     lossy = bool(a.quantize) or a.dtype is not None
     r = run.verify(run.parse_location(a.src), run.parse_location(a.dst), cfg, make_mesh(a.mesh),
                    a.verify_tokens, step=a.step)
     ok = r["kl"] <= a.max_kl if lossy else r["rel_diff"] <= a.tolerance
+    if not primary:
+        return 0 if ok else 1
     print(f"verify ({a.verify_tokens}-token prompt): max |logit diff| {r['max_abs_diff']:.3g} "
           f"({r['rel_diff']:.2e} of max |logit|), KL {r['kl']:.3g}: "
           + ("OK" if ok else f"ABOVE TOLERANCE ({'KL ' + str(a.max_kl) if lossy else a.tolerance})"))
     return 0 if ok else 1
+
+
+def _convert_alone(argv: Sequence[str]) -> int:
+    """The conversion of a job of several processes, by process 0 in a process of its own on the
+    CPU: orbax refuses to save one process's arrays inside a multi-process job, and the devices
+    are this process's. The same command without --verify, outside the job."""
+    import subprocess
+
+    from glmjax import launch
+
+    env = {k: v for k, v in os.environ.items() if k not in (launch.ENV_COORDINATOR, launch.ENV_NUM_PROCESSES,
+                                                           launch.ENV_PROCESS_ID, launch.ENV_CLUSTER)}
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, "-m", "glmjax", *(x for x in argv if x != "--verify")]
+    return subprocess.run(cmd, env=env).returncode
 
 
 def cmd_tokenizer(a: argparse.Namespace) -> int:
@@ -197,14 +227,17 @@ def cmd_data(a: argparse.Namespace) -> int:
     if a.action == "prepare":
         from glmjax.outputs import atomic_dir
 
+        if a.workers < 1:
+            raise InputError(f"--workers must be >= 1, got {a.workers}")
         check_output(a.out, directory=True, overwrite=a.overwrite)
         t0 = time.perf_counter()
         with atomic_dir(a.out, a.overwrite) as tmp:
             stats = pipeline.prepare(a.input, a.tokenizer, tmp, instructions=a.instructions,
-                                     text_field=a.text_field, seq_length=a.seq_length)
+                                     text_field=a.text_field, seq_length=a.seq_length, workers=a.workers)
         secs = time.perf_counter() - t0
         print(f"wrote {a.out}: {stats.documents} documents, {stats.tokens} tokens from {stats.files} files in "
-              f"{secs:.1f} s ({stats.tokens / max(secs, 1e-9):,.0f} tokens/s); skipped lines: {stats.bad_utf8} not "
+              f"{secs:.1f} s ({stats.tokens / max(secs, 1e-9):,.0f} tokens/s, {a.workers} tokenizing "
+              f"process{'es' if a.workers > 1 else ''}); skipped lines: {stats.bad_utf8} not "
               f"UTF-8, {stats.bad_json} not a JSON object, {stats.missing_field} missing a field; "
               f"{stats.empty_files} empty files; {stats.long_documents} documents longer than a sequence (split); "
               f"{stats.instructions} instruction samples")
@@ -234,12 +267,38 @@ def cmd_train(a: argparse.Namespace) -> int:
     from glmjax.experiment import load_experiment
     from glmjax.train.loop import main as train_main
 
-    exp = load_experiment(a.config, a.overrides)
-    if os.environ.get("GLMJAX_DISTRIBUTED") == "1":  # multi-host: coordinator from the TPU pod / SLURM env
-        import jax
+    return train_main(load_experiment(a.config, a.overrides))
 
-        jax.distributed.initialize()
-    return train_main(exp)
+
+def cmd_launch(a: argparse.Namespace) -> int:
+    from glmjax import launch
+
+    return launch.main(a.argv, a.processes, a.devices_per_process, a.port, a.heartbeat_timeout)
+
+
+def job_from_env(env: Mapping[str, str]) -> Any:
+    """How this process joins a job of several: set by `glmjax launch` (GLMJAX_COORDINATOR,
+    GLMJAX_NUM_PROCESSES, GLMJAX_PROCESS_ID), or GLMJAX_DISTRIBUTED=1 on a pod / cluster (jax finds
+    the coordinator in the TPU metadata or the SLURM variables); None: a single process."""
+    from glmjax import launch
+    from glmjax.parallel.distributed import HEARTBEAT_TIMEOUT_S, JobConfig
+
+    def number(name: str, default: int | None = None) -> int | None:
+        raw = env.get(name)
+        if raw is None:
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise InputError(f"environment variable {name}={raw!r} is not an integer") from None
+
+    heartbeat = number(launch.ENV_HEARTBEAT, HEARTBEAT_TIMEOUT_S)
+    if env.get(launch.ENV_COORDINATOR):
+        return JobConfig(env[launch.ENV_COORDINATOR], number(launch.ENV_NUM_PROCESSES),
+                         number(launch.ENV_PROCESS_ID), heartbeat)
+    if env.get(launch.ENV_CLUSTER) == "1":
+        return JobConfig(heartbeat_timeout_s=heartbeat)
+    return None
 
 
 def _generate_config(a: argparse.Namespace) -> Any:
@@ -324,6 +383,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from glmjax.infer.blanks import fill_blanks
     from glmjax.infer.decode import Generator
     from glmjax.model.quant import param_bytes
+    from glmjax.parallel import distributed
     from glmjax.parallel.mesh import make_mesh
 
     if a.batch_size < 1:
@@ -333,6 +393,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         raise GlmjaxError("--output holds the results of --prompt or --input-file (stdin mode prints them)")
     if a.output:
         check_output(a.output)
+    if prompts is None and distributed.process_count() > 1:  # stdin is read by one process alone
+        raise InputError("interactive generation runs in one process; give --prompt or --input-file")
     gc = _generate_config(a)
     cfg = C.resolve(None, a.config, a.overrides) if a.config else None
     mesh = make_mesh(a.mesh)
@@ -340,8 +402,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
                                   step=a.step)
     gen = Generator(cfg, params, mesh, vocab_limit=tok.vocab_size)
     weights = f"int{cfg.quantization_bits}" if cfg.quantization_bits else cfg.param_dtype
-    print(f"model: {cfg.num_params() / 1e6:.1f}M parameters, {weights} weights: {_human(param_bytes(params))} on "
-          f"{mesh.size} device(s); strategy {gc.strategy}", file=sys.stderr)
+    primary = distributed.is_primary()
+    if primary:
+        print(f"model: {cfg.num_params() / 1e6:.1f}M parameters, {weights} weights: {_human(param_bytes(params))} "
+              f"on {mesh.size} device(s); strategy {gc.strategy}", file=sys.stderr)
     if prompts is not None:
         results = []
         for start in range(0, len(prompts), a.batch_size):
@@ -352,6 +416,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
             if r.beams:
                 row["beams"] = r.beams
             lines.append(json.dumps(row, ensure_ascii=False) if a.input_file else r.text)
+        if not primary:
+            return 0
         if not a.output:
             print("\n".join(lines))
             return 0
@@ -452,6 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="experiment YAML (model:, data:, objective:, optim:, loss_scale:, train:)")
     tr.add_argument("overrides", nargs="*", metavar="section.key=value")
     tr.set_defaults(func=cmd_train)
+    la = sub.add_parser("launch", help="run a glmjax command as one job of several processes",
+                        description="Local: --processes N starts N processes on this machine as one "
+                        "distributed job (coordinator on 127.0.0.1). On a pod or cluster, without "
+                        "--processes: one process per host joining the job from the cluster's environment.")
+    la.add_argument("--processes", type=int, help="processes to start on this machine (default: one, "
+                    "joining the pod's or cluster's job)")
+    la.add_argument("--devices-per-process", type=int, help="simulated CPU devices per process (CPU only)")
+    la.add_argument("--port", type=int, help="coordinator port on 127.0.0.1 (default: a free one)")
+    la.add_argument("--heartbeat-timeout", type=int, default=60,
+                    help="seconds after which a silent process counts as dead (default 60)")
+    la.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the glmjax command and its arguments")
+    la.set_defaults(func=cmd_launch)
     tk = sub.add_parser("tokenizer", help="train a GLM tokenizer, or encode/decode with one (stdin -> stdout)")
     tk.add_argument("action", choices=("train", "encode", "decode"))
     tk.add_argument("--tokenizer", help="tokenizer directory (or icetk's ice_text.model) for encode/decode")
@@ -473,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--seq-length", type=int, default=2048, help="to count documents longer than a sequence")
     dp.add_argument("--out", required=True, help="output directory")
     dp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    dp.add_argument("--workers", type=int, default=1,
+                    help="tokenizing processes (the output is byte for byte the same for any number)")
     dp.set_defaults(func=cmd_data)
     di = dsub.add_parser("inspect", help="write N training sequences as the trainer sees them")
     di.add_argument("--config", required=True, help="experiment file (model:, data:, objective:, ...)")
@@ -488,19 +568,46 @@ def _quiet_orbax(record) -> bool:
     return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
 
 
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "unhealthy", "stopped sending heartbeats")
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A runtime error of jax that says another process of the job is gone."""
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(m in str(e) for m in _PEER_LOST)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     logging.getLogger("absl").addFilter(_quiet_orbax)
     args = build_parser().parse_args(argv)
+    args.cli_argv = list(sys.argv[1:] if argv is None else argv)
+    job = None
     try:
+        job = job_from_env(os.environ) if args.command != "launch" else None
+        if job is not None:
+            from glmjax.parallel import distributed
+
+            distributed.initialize(job)
         return args.func(args)
     except GlmjaxError as e:
-        print(f"glmjax: error: {e}", file=sys.stderr)
+        print(f"glmjax: error: {e}", file=sys.stderr, flush=True)
+        if job is not None:  # the others may not fail alike: no shutdown handshake waiting for them
+            sys.stdout.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("glmjax: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if job is None or not _peer_lost(e):
+            raise
+        # a collective with a dead process failed: one line, and no shutdown handshake with it
+        from glmjax.launch import PEER_DIED_LINE
+
+        print(f"{PEER_DIED_LINE} ({str(e).splitlines()[0][:200]})", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

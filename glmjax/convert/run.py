@@ -15,6 +15,7 @@ from glmjax.convert import hf_chatglm, orbax_format, sat
 from glmjax.convert.engine import Source
 from glmjax.errors import GlmjaxError
 from glmjax.outputs import atomic_dir
+from glmjax.parallel import distributed
 
 
 def write(fmt: str, out_dir: str, cfg: GLMConfig, source: Source, *, tp: int | None,
@@ -83,7 +84,7 @@ def verify(src: tuple[str, str], dst: tuple[str, str], cfg: GLMConfig | None, me
         c = c.replace(dtype="float32")
         batch = verify_prompt(c, prompt_len)
         logits, _ = api.make_forward(c, mesh)(params, batch)
-        results.append(np.asarray(jax.device_get(logits)))
+        results.append(distributed.to_host(logits))
         del params, logits
         cfg = cfg or c
     return compare_logits(results[0], results[1])

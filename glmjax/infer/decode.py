@@ -44,7 +44,7 @@ from glmjax.errors import InputError
 from glmjax.model.api import data_parallelism, pad_rows, param_shardings
 from glmjax.model.glm import GLM
 from glmjax.model.layouts import SpecialIds, batch_layout
-from glmjax.parallel import rules
+from glmjax.parallel import distributed, rules
 
 NEG = -65504.0  # GLM-130B's fill for banned logits (the float16 minimum)
 STRATEGIES = ("greedy", "sample", "beam")
@@ -266,6 +266,10 @@ class Generator:
     def _batch_sharding(self, arrays: dict) -> dict:
         return {k: rules.named(self.mesh, "batch", *((None,) * (np.ndim(v) - 1))) for k, v in arrays.items()}
 
+    def _on_mesh(self, arrays: dict) -> dict:
+        """Host arrays (the same on every process) placed as global arrays over the batch axes."""
+        return jax.device_put(arrays, self._batch_sharding(arrays))
+
     def _padded(self, prepared: Prepared) -> dict[str, np.ndarray]:
         """The prepared arrays with rows padded (copies of row 0) to the mesh's data parallelism."""
         return pad_rows(prepared.arrays, self.batch_multiple)[0]
@@ -449,11 +453,12 @@ class Generator:
         self._sink = stream
         try:
             with jax.set_mesh(self.mesh):
-                out = self._compiled[key](self.params, a, np.asarray(jax.random.key_data(jax.random.key(gc.seed))))
+                out = self._compiled[key](self.params, self._on_mesh(a),
+                                          np.asarray(jax.random.key_data(jax.random.key(gc.seed))))
                 jax.block_until_ready(out)
         finally:
             self._sink = None
-        out = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+        out = {k: distributed.to_host(v) for k, v in out.items()}
         rows = prepared.rows
         return {k: (v[:rows] if np.ndim(v) else v) for k, v in out.items()}
 
@@ -473,7 +478,7 @@ class Generator:
 
             self._compiled[key] = jax.jit(run, in_shardings=(self.p_shard, self._batch_sharding(a)))
         with jax.set_mesh(self.mesh):
-            logits, cache, valid, positions = self._compiled[key](self.params, a)
+            logits, cache, valid, positions = self._compiled[key](self.params, self._on_mesh(a))
         return Decoding(logits, cache, valid, positions, prompt_len=p, fed=0, rows=prepared.rows)
 
     def step(self, decoding: Decoding, tokens: Sequence[int] | np.ndarray) -> Decoding:
@@ -528,7 +533,7 @@ class Generator:
         if key not in self._compiled:
             self._compiled[key] = jax.jit(self._score, in_shardings=(self.p_shard, self._batch_sharding(a)))
         with jax.set_mesh(self.mesh):
-            token_lp, sums = jax.device_get(self._compiled[key](self.params, a))
+            token_lp, sums = map(distributed.to_host, self._compiled[key](self.params, self._on_mesh(a)))
         t, rows = int(lengths.max()), prepared.rows
         return Scores(np.asarray(token_lp)[:rows, :t], np.asarray(sums)[:rows], lengths)
 

@@ -191,6 +191,7 @@ def make_forward(cfg: GLMConfig, mesh: Mesh, *, collect_hidden: bool = False,
         if key not in compiled:
             compiled[key] = jax.jit(apply, in_shardings=(p_shard, b_shard),
                                     out_shardings=(logits_shard, None))
+        batch = {k: v if isinstance(v, jax.Array) else jax.device_put(v, b_shard[k]) for k, v in batch.items()}
         with jax.set_mesh(mesh):
             logits, per_layer = compiled[key](params, batch)
         if np.shape(batch["tokens"])[0] == b:

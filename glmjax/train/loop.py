@@ -23,6 +23,8 @@ from glmjax.errors import CheckpointError, ConfigError, GlmjaxError
 from glmjax.experiment import Experiment
 from glmjax.model.api import init_params
 from glmjax.outputs import warn
+from glmjax.parallel import distributed
+from glmjax.parallel import rules
 from glmjax.parallel.mesh import make_mesh
 from glmjax.train import optim, precision
 from glmjax.train import step as S
@@ -114,9 +116,7 @@ class Trainer:
                               f"data*fsdp={dp} of mesh {dict(self.mesh.shape)}")
         self.run_dir = ckpt.RunDir(t.checkpoint_dir)
         shards = pipeline.TokenShards(exp.data.path)
-        self.loader = pipeline.GLMLoader(shards, exp.objective, global_batch=t.micro_batch, seed=exp.data.seed,
-                                         process_index=jax.process_index(), process_count=jax.process_count(),
-                                         model_vocab=cfg.vocab_size)
+        self.loader = self._loader(shards)
         self.checkpoints = ckpt.TrainCheckpoints(t.checkpoint_dir, t.keep)
         latest = self.checkpoints.latest_step()
         if latest is not None:
@@ -139,6 +139,20 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(cfg, exp.objective.seq_length)
         self.peak_tflops = t.peak_tflops or device_peak_tflops(self.mesh.devices.flat[0])
         self.last: dict[str, Any] = {}
+
+    def _loader(self, shards: pipeline.TokenShards) -> pipeline.GLMLoader:
+        """The loader of this process's rows of each micro-batch: the rows its devices hold under
+        the batch sharding (every process builds only those; the union is the global batch)."""
+        t = self.exp.train
+        rows = distributed.local_rows(rules.named(self.mesh, "batch", None), (t.micro_batch, self.exp.objective.seq_length))
+        per = len(rows)
+        loader = pipeline.GLMLoader(shards, self.exp.objective, global_batch=t.micro_batch, seed=self.exp.data.seed,
+                                    process_index=rows.start // per, process_count=t.micro_batch // per,
+                                    model_vocab=self.exp.model.vocab_size)
+        if jax.process_count() > 1:
+            print(f"process {jax.process_index()} of {jax.process_count()}: builds rows [{rows.start}, {rows.stop}) "
+                  f"of each micro-batch of {t.micro_batch}", flush=True)
+        return loader
 
     def _fresh_state(self) -> S.TrainState:
         cfg, t = self.exp.model, self.exp.train
@@ -248,9 +262,9 @@ class Trainer:
         t = self.exp.train
         if self.hooks.after_setup:
             self.hooks.after_setup(self)
-        stop = _Stop()
+        stop, stopping = _Stop(), False
         try:
-            while int(self.state.step) < t.steps and not stop.requested:
+            while int(self.state.step) < t.steps and not stopping:
                 m = self.step()
                 if self.hooks.after_step:
                     self.hooks.after_step(self, m)
@@ -263,13 +277,14 @@ class Trainer:
                     continue
                 self.last = m
                 self.report.step(m, log_line=m["step"] % t.log_every == 0)
-                if m["step"] % t.checkpoint_every == 0 or m["step"] == t.steps or stop.requested:
+                stopping = distributed.any_process(stop.requested)  # every process saves, or none
+                if m["step"] % t.checkpoint_every == 0 or m["step"] == t.steps or stopping:
                     self.save()
         finally:
             stop.restore()
             self.report.close()
             self.checkpoints.close()
-        if stop.requested:
+        if stopping:
             self._log(f"stopped by signal at step {int(self.state.step)}; checkpoint written")
         return self.last
 
@@ -283,7 +298,8 @@ def train(exp: Experiment, log: Callable[[str], None] = print, hooks: Hooks | No
 
 def main(exp: Experiment, hooks: Hooks | None = None) -> int:
     """The CLI's entry: print the resolved experiment, train, one line on interruption."""
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    primary = distributed.is_primary()
+    log = lambda msg: primary and print(msg, flush=True)  # noqa: E731  (process 0 speaks for the job)
     log("experiment:\n" + "\n".join("  " + line for line in exp.to_yaml().splitlines()))
     try:
         train(exp, log=log, hooks=hooks)
