@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 
 from glmjax import config as C
+from glmjax import storage
 from glmjax.config import GLMConfig
 from glmjax.convert import engine, hf_chatglm, orbax_format, sat
 from glmjax.convert.engine import Source
 from glmjax.convert.tables import sat_rules
 from glmjax.errors import CheckpointError, GlmjaxError
-from glmjax.outputs import atomic_dir, atomic_file, warn
+from glmjax.outputs import atomic_dir, warn
 
 FORMATS = ("run", "orbax", "sat", "hf-chatglm")
 QUANTIZE_BITS = {None: 0, "int8": 8, "int4": 4}
@@ -46,12 +47,15 @@ def parse_location(text: str) -> tuple[str, str]:
 
 def detect_format(path: str) -> str:
     """The format of an existing checkpoint directory."""
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.isfile(os.path.join(path, RunDir.INFO)):
+    if storage.isfile(storage.join(path, RunDir.INFO)):
         return "run"
     if orbax_format.is_checkpoint(path):
         return "orbax"
+    if storage.is_url(path):
+        raise CheckpointError(f"{path}: not a run directory or glmjax checkpoint (SAT and Hugging Face files "
+                              "are read from local disk)")
     if os.path.isfile(os.path.join(path, "latest")):
         return "sat"
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -206,19 +210,33 @@ def check_architecture(found: GLMConfig, cfg: GLMConfig, where: str) -> None:
                               + ", ".join(f"{k} ({getattr(found, k)} vs {getattr(cfg, k)})" for k in diff))
 
 
+def open_tokenizer(path: str) -> Any:
+    """A tokenizer directory (or icetk model file), local or in a bucket: SentencePiece reads local
+    files, so a bucket's copy is fetched into a temporary directory, loaded whole, then removed."""
+    from glmjax.data.tokenizer import load_tokenizer
+
+    if not storage.is_url(path):
+        return load_tokenizer(path)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as local:
+        for name in storage.listdir(path):
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(storage.read_bytes(storage.join(path, name)))
+        return load_tokenizer(local)
+
+
 def load_model(checkpoint: str, mesh: Any, *, config: GLMConfig | None = None, quantize: str | None = None,
                tokenizer: str | None = None, step: int | None = None) -> tuple[GLMConfig, Any, Any]:
     """(config, parameters on `mesh`, tokenizer) of any checkpoint; the tokenizer is `tokenizer`, else
     the copy kept beside the checkpoint (a run directory's tokenizer/)."""
-    from glmjax.data.tokenizer import load_tokenizer
-
     fmt = detect_format(checkpoint)
     cfg, params = load_params(fmt, checkpoint, config, mesh, quantize=quantize, step=step)
-    tok_path = tokenizer or os.path.join(checkpoint, "tokenizer")
-    if not os.path.exists(tok_path):
+    tok_path = tokenizer or storage.join(checkpoint, "tokenizer")
+    if not storage.exists(tok_path):
         raise GlmjaxError(f"checkpoint {checkpoint} has no tokenizer (no {tok_path}); pass --tokenizer DIR "
                           f"(a glmjax tokenizer directory or icetk's ice_text.model)")
-    tok = load_tokenizer(tok_path)
+    tok = open_tokenizer(tok_path)
     if tok.vocab_size > cfg.vocab_size:
         raise GlmjaxError(f"the tokenizer has {tok.vocab_size} ids, the model only {cfg.vocab_size}")
     return cfg, params, tok
@@ -234,18 +252,17 @@ class RunDir:
     METRICS = "metrics.jsonl"
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = storage.normalize(path) if "://" in path else path
 
     def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
+        return storage.join(self.path, name)
 
     def model_config(self) -> GLMConfig:
         info = self.file(self.INFO)
-        if not os.path.isfile(info):
+        if not storage.isfile(info):
             raise CheckpointError(f"{self.path} is not a training run directory (no {self.INFO})")
         try:
-            with open(info, encoding="utf-8") as f:
-                return C.from_dict(json.load(f)["model"], source=info)
+            return C.from_dict(json.loads(storage.read_bytes(info).decode("utf-8"))["model"], source=info)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{info} is unreadable: {e}") from None
 
@@ -254,7 +271,7 @@ class RunDir:
         import orbax.checkpoint as ocp
 
         # listed, not opened through a CheckpointManager: that synchronises every process of a job
-        return sorted(ocp.utils.checkpoint_steps(self.path)) if os.path.isdir(self.path) else []
+        return sorted(ocp.utils.checkpoint_steps(storage.epath(self.path))) if storage.isdir(self.path) else []
 
     def step(self, step: int | None = None) -> int:
         """`step` if it is committed, else the newest committed one; one clear error otherwise."""
@@ -269,24 +286,22 @@ class RunDir:
         return step
 
     def state_dir(self, step: int) -> str:
-        return os.path.join(self.path, str(step), TrainCheckpoints.STATE)
+        return storage.join(self.path, str(step), TrainCheckpoints.STATE)
 
     def write(self, cfg: GLMConfig, experiment_yaml: str, tokenizer_dir: str | None) -> None:
         """run.json, experiment.yaml and a copy of the tokenizer, each written whole then renamed, so
         `glmjax generate|forward|convert` need nothing else."""
-        os.makedirs(self.path, exist_ok=True)
+        storage.makedirs(self.path)
         tok_copy = self.file(self.TOKENIZER)
-        if tokenizer_dir and os.path.isdir(tokenizer_dir) and not os.path.isdir(tok_copy):
-            with atomic_dir(tok_copy, overwrite=False) as tmp:
-                shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
-        info = {"model": cfg.to_dict(), "tokenizer": self.TOKENIZER if os.path.isdir(tok_copy) else None}
-        _write_text(self.file(self.INFO), json.dumps(info, indent=2))
-        _write_text(self.file(self.EXPERIMENT), experiment_yaml)
-
-
-def _write_text(path: str, text: str) -> None:
-    with atomic_file(path) as f:
-        f.write(text)
+        if tokenizer_dir and os.path.isdir(tokenizer_dir) and not storage.isdir(tok_copy):
+            if storage.is_url(tok_copy):  # objects, each whole once uploaded
+                storage.copy_tree(tokenizer_dir, tok_copy)
+            else:
+                with atomic_dir(tok_copy, overwrite=False) as tmp:
+                    shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
+        info = {"model": cfg.to_dict(), "tokenizer": self.TOKENIZER if storage.isdir(tok_copy) else None}
+        storage.write_bytes(self.file(self.INFO), json.dumps(info, indent=2).encode("utf-8"))
+        storage.write_bytes(self.file(self.EXPERIMENT), experiment_yaml.encode("utf-8"))
 
 
 class TrainCheckpoints:
@@ -300,9 +315,9 @@ class TrainCheckpoints:
     def __init__(self, directory: str, keep: int | None = None, create: bool = True):
         import orbax.checkpoint as ocp
 
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.normalize(directory)
         self._mngr = ocp.CheckpointManager(
-            self.directory,
+            storage.epath(self.directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=create),
             item_names=(self.STATE, self.META),
             item_handlers={self.STATE: orbax_format.pytree_handler(), self.META: ocp.JsonCheckpointHandler()})
@@ -333,7 +348,7 @@ class TrainCheckpoints:
 
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
         args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-        orbax_format.check_tree_dir(os.path.join(self.directory, str(step), self.STATE), f"step {step}")
+        orbax_format.check_tree_dir(storage.join(self.directory, str(step), self.STATE), f"step {step}")
         try:
             restored = self._mngr.restore(step, args=ocp.args.Composite(state=args, meta=ocp.args.JsonRestore()))
         except Exception:
@@ -345,12 +360,12 @@ class TrainCheckpoints:
         """Rename a damaged step's folder to `<step>.damaged` (or `.damaged-N`), so orbax no longer
         lists it and a new save of that step does not collide; it is kept, never deleted. Returns
         the new path."""
-        src = os.path.join(self.directory, str(step))
+        src = storage.join(self.directory, str(step))
         dst, n = f"{src}.damaged", 1
-        while os.path.lexists(dst):
+        while storage.exists(dst) or os.path.islink(dst):
             n += 1
             dst = f"{src}.damaged-{n}"
-        os.rename(src, dst)
+        storage.rename(src, dst)
         self.reload()
         return dst
 

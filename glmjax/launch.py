@@ -88,7 +88,8 @@ class _Job:
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
                       for i in range(self.n)]
         self.threads = [threading.Thread(target=self._copy, args=(i, stream, out), daemon=True)
-                        for i, p in enumerate(self.procs) for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr))]
+                        for i, p in enumerate(self.procs)
+                        for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr))]
         for t in self.threads:
             t.start()
 

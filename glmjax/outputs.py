@@ -134,7 +134,10 @@ def check_output(path: str, *, directory: bool = False, overwrite: bool = False)
     """
     if not path:
         raise GlmjaxError("empty output path")
-    dst = os.path.abspath(path)
+    if "://" in path and not path.startswith("file://"):
+        raise GlmjaxError(f"output {path}: this command writes to local disk (training runs write to buckets); "
+                          "write here, then copy it (e.g. gcloud storage cp -r)")
+    dst = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
     if directory:
         recover_stale(dst)
         _check_dir_destination(dst, overwrite)

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from glmjax import config as C
+from glmjax import storage
 from glmjax.config import GLMConfig
 from glmjax.convert.engine import Path, Source
 from glmjax.errors import CheckpointError
@@ -33,17 +34,16 @@ CHUNK_BYTES = 128 << 20
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, META_FILE))
+    return storage.isfile(storage.join(path, META_FILE))
 
 
 def read_meta(path: str) -> dict[str, Any]:
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
+    meta_path = storage.join(path, META_FILE)
+    if not storage.isfile(meta_path):
         raise CheckpointError(f"{path} is not a glmjax checkpoint (no {META_FILE})")
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads(storage.read_bytes(meta_path).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path} is unreadable: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{meta_path}: not a {FORMAT} v{VERSION} checkpoint")
@@ -55,7 +55,7 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def read_config(path: str) -> GLMConfig:
-    return C.from_dict(read_meta(path)["config"], source=os.path.join(path, META_FILE))
+    return C.from_dict(read_meta(path)["config"], source=storage.join(path, META_FILE))
 
 
 def _leaves(cfg: GLMConfig) -> dict[Path, tuple[int, ...]]:
@@ -69,8 +69,8 @@ def _param_name(path: Path) -> str:
     return ".".join(path)  # orbax's non-OCDBT directory name of a leaf (orbax 0.12, pinned in setup.cfg)
 
 
-def _kvstore(params_dir: str, path: Path) -> dict[str, str]:
-    return {"driver": "file", "path": os.path.join(params_dir, _param_name(path))}
+def _kvstore(params_dir: str, path: Path) -> Any:
+    return storage.kvstore(storage.join(params_dir, _param_name(path)))
 
 
 # How glmjax saves any PyTree with orbax (converted parameters and training state alike): one zarr
@@ -193,7 +193,7 @@ def save_params(out_dir: str, cfg: GLMConfig, params: Any,
 def orbax_source(path: str) -> tuple[GLMConfig, Source]:
     """Random access to a glmjax checkpoint on the host, one tensor (one layer) at a time."""
     cfg = read_config(path)
-    return cfg, tree_source(os.path.join(path, PARAMS_DIR), cfg, (), path)
+    return cfg, tree_source(storage.join(path, PARAMS_DIR), cfg, (), path)
 
 
 def tree_source(tree_dir: str, cfg: GLMConfig, prefix: Path, where: str) -> Source:
@@ -274,8 +274,8 @@ def quiet_abandoned_reads() -> None:
 def check_tree_dir(tree_dir: str, where: str) -> None:
     """An orbax PyTree folder restores only with its _METADATA (orbax's own error for a missing one
     is about pytree structure): one clear line instead."""
-    meta = os.path.join(tree_dir, "_METADATA")
-    if not os.path.isfile(meta):
+    meta = storage.join(tree_dir, "_METADATA")
+    if not storage.isfile(meta):
         raise CheckpointError(f"cannot restore {where}: {meta} is missing")
 
 
@@ -306,4 +306,4 @@ def restore_tree(tree_dir: str, mesh: jax.sharding.Mesh, cfg: GLMConfig, prefix:
 def restore_params(path: str, mesh: jax.sharding.Mesh, cfg: GLMConfig | None = None) -> tuple[GLMConfig, Any]:
     """Restore a glmjax checkpoint onto `mesh` (in `cfg`'s dtypes; default its own config)."""
     cfg = cfg or read_config(path)
-    return cfg, restore_tree(os.path.join(path, PARAMS_DIR), mesh, cfg, where=path)
+    return cfg, restore_tree(storage.join(path, PARAMS_DIR), mesh, cfg, where=path)

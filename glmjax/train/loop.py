@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from glmjax import checkpoint as ckpt
+from glmjax import storage
 from glmjax.config import GLMConfig
 from glmjax.convert.orbax_format import first_line
 from glmjax.data import pipeline
@@ -23,8 +24,7 @@ from glmjax.errors import CheckpointError, ConfigError, GlmjaxError
 from glmjax.experiment import Experiment
 from glmjax.model.api import init_params
 from glmjax.outputs import warn
-from glmjax.parallel import distributed
-from glmjax.parallel import rules
+from glmjax.parallel import distributed, rules
 from glmjax.parallel.mesh import make_mesh
 from glmjax.train import optim, precision
 from glmjax.train import step as S
@@ -114,10 +114,14 @@ class Trainer:
         if t.micro_batch % dp:
             raise ConfigError(f"train.micro_batch={t.micro_batch} is not divisible by the data parallelism "
                               f"data*fsdp={dp} of mesh {dict(self.mesh.shape)}")
-        self.run_dir = ckpt.RunDir(t.checkpoint_dir)
+        directory = storage.normalize(t.checkpoint_dir)  # a local path or a bucket URL (gs://...)
+        self.run_dir = ckpt.RunDir(directory)
+        if storage.is_url(exp.data.path):
+            raise ConfigError(f"data.path {exp.data.path}: a prepared corpus is memory-mapped from local disk; copy "
+                              "it to every host (or mount the bucket, e.g. with gcsfuse) and give that path")
         shards = pipeline.TokenShards(exp.data.path)
         self.loader = self._loader(shards)
-        self.checkpoints = ckpt.TrainCheckpoints(t.checkpoint_dir, t.keep)
+        self.checkpoints = ckpt.TrainCheckpoints(directory, t.keep)
         latest = self.checkpoints.latest_step()
         if latest is not None:
             ckpt.check_architecture(self.run_dir.model_config(), cfg, f"resuming {t.checkpoint_dir}")
@@ -132,7 +136,7 @@ class Trainer:
             self.state, self.data_position = self._fresh_state(), 0
         if jax.process_index() == 0:
             self.run_dir.write(cfg, exp.to_yaml(), shards.manifest.get("tokenizer"))
-        self.report = Reporter(t.checkpoint_dir, t.steps, int(self.state.step), log,
+        self.report = Reporter(directory, t.steps, int(self.state.step), log,
                                enabled=jax.process_index() == 0)
         self.report.mark_resume(int(self.state.step))
         self.guard, self.rollbacks = SpikeGuard(t.spike_threshold, t.spike_window), 0
@@ -144,7 +148,8 @@ class Trainer:
         """The loader of this process's rows of each micro-batch: the rows its devices hold under
         the batch sharding (every process builds only those; the union is the global batch)."""
         t = self.exp.train
-        rows = distributed.local_rows(rules.named(self.mesh, "batch", None), (t.micro_batch, self.exp.objective.seq_length))
+        shape = (t.micro_batch, self.exp.objective.seq_length)
+        rows = distributed.local_rows(rules.named(self.mesh, "batch", None), shape)
         per = len(rows)
         loader = pipeline.GLMLoader(shards, self.exp.objective, global_batch=t.micro_batch, seed=self.exp.data.seed,
                                     process_index=rows.start // per, process_count=t.micro_batch // per,

@@ -3,12 +3,13 @@ progress bar with ETA on a terminal, plain log lines otherwise). Only process 0 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from glmjax import storage
 
 # Dense (no sparsity) bf16/fp16 peak TFLOP/s per device (vendor data sheets), by a lower-case
 # substring of jax's device_kind; the first match wins, so the more specific names come first.
@@ -41,14 +42,14 @@ class Reporter:
     def __init__(self, directory: str, total_steps: int, first_step: int, log: Callable[[str], None],
                  enabled: bool = True, progress: bool | None = None):
         self.enabled, self.total, self.times = enabled, total_steps, []
-        self.path = os.path.join(directory, "metrics.jsonl")
+        self.path = storage.join(directory, "metrics.jsonl")
         self.tb, self.bar, self._log = None, None, log
         if not enabled:
             return
         from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
-        self.tb = SummaryWriter(os.path.join(directory, "tensorboard"), flush_secs=10)
+        self.tb = SummaryWriter(storage.join(directory, "tensorboard"), flush_secs=10)  # gs:// and s3:// too
         # progress=None: a bar only on a terminal, so logs of batch jobs stay plain lines
         show = sys.stderr.isatty() if progress is None else progress
         if show:
@@ -65,19 +66,17 @@ class Reporter:
     def event(self, record: dict[str, Any]) -> None:
         """A guard or resume action (rollback, resume, ...): into the JSONL file, beside the steps."""
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            storage.append_text(self.path, json.dumps(record) + "\n")
 
     def mark_resume(self, step: int) -> list[int]:
         """Before a run (re)started at `step` logs anything: when metrics.jsonl already has lines of
         later steps (a kill after logging past the last checkpoint), a record
         {"event": "resume", "step": step, "superseded_steps": [...]} telling readers that the lines
         to come replace those. Returns the superseded steps ([] and nothing written when none)."""
-        if not self.enabled or not os.path.isfile(self.path):
+        if not self.enabled or not storage.isfile(self.path):
             return []
         later: set[int] = set()
-        with open(self.path, "rb") as f:
-            data = f.read()
+        data = storage.read_bytes(self.path)
         for line in data.splitlines():
             try:
                 rec = json.loads(line)
@@ -86,8 +85,7 @@ class Reporter:
             if isinstance(rec, dict) and "event" not in rec and isinstance(rec.get("step"), int) and rec["step"] > step:
                 later.add(rec["step"])
         if data and not data.endswith(b"\n"):  # never glue the marker onto a cut line
-            with open(self.path, "a") as f:
-                f.write("\n")
+            storage.append_text(self.path, "\n")
         if later:
             self.event({"event": "resume", "step": step, "superseded_steps": sorted(later)})
         return sorted(later)
@@ -96,8 +94,7 @@ class Reporter:
         if not self.enabled:
             return
         step = int(m["step"])
-        with open(self.path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+        storage.append_text(self.path, json.dumps(m) + "\n")
         for k in SCALARS:
             if k in m and np.isfinite(m[k]):
                 self.tb.add_scalar(f"train/{k}", m[k], step)
