@@ -54,11 +54,11 @@ def assert_losses_match(got, want, steps):
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """A corpus, an experiment, and the reference: one process on 8 devices, 6 steps, every 2 saved."""
+    """A corpus, an experiment, and the reference: one process on 8 devices, 12 steps, every 2 saved."""
     d = tmp_path_factory.mktemp("multiprocess")
     tok = prepared_corpus(d, bilingual_lines(300, 3), 600, layout="compact")
-    exp = tiny_experiment(d / "exp.yaml", d / "data", d / "one", tok.vocab_size, steps=6, every=2, mesh=MESH,
-                          extra="  keep: 5\n")
+    exp = tiny_experiment(d / "exp.yaml", d / "data", d / "one", tok.vocab_size, steps=12, every=2, mesh=MESH,
+                          extra="  keep: 10\n")
     assert main(["train", exp]) == 0
     return d, exp
 
@@ -90,7 +90,7 @@ def test_two_processes_train_like_one_and_resume_after_kill(job):
     d, exp = job
     run = d / "two"
     cmd = [sys.executable, "-m", "glmjax", "launch", "--processes", "2", "--devices-per-process", "4", "--",
-           "train", exp, f"train.checkpoint_dir={run}"]
+           "train", exp, f"train.checkpoint_dir={run}", "train.steps=6"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + JOB_TIMEOUT
     while not (os.path.isdir(run / "4") and os.path.isfile(run / "metrics.jsonl")
@@ -110,7 +110,7 @@ def test_two_processes_train_like_one_and_resume_after_kill(job):
     assert "[process 1] process 1 of 2: builds rows [4, 8) of each micro-batch of 8" in out
     committed = max(int(n) for n in os.listdir(run) if n.isdigit())
     assert committed >= 4
-    r = launch("train", exp, f"train.checkpoint_dir={run}")
+    r = launch("train", exp, f"train.checkpoint_dir={run}", "train.steps=6")
     assert r.returncode == 0, r.stderr
     assert f"resumed from {run} step {committed}" in r.stdout
     one = losses(d / "one")
@@ -123,21 +123,34 @@ def test_two_processes_train_like_one_and_resume_after_kill(job):
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5)
 
 
-def test_checkpoints_cross_process_counts_and_meshes(job):
-    """Step 4 of the 1-process run continues in 2 processes on another mesh, and step 4 of a
-    2-process run in 1 process on another mesh: both reach the reference's steps 5 and 6."""
+def test_checkpoints_cross_process_counts_and_meshes_and_sigterm_stops_every_process(job):
+    """Step 4 of the 1-process run continues in 2 processes on another mesh. A 2-process run sent
+    SIGTERM (a preemption) stops every process at the same step with a checkpoint, which continues
+    in 1 process on another mesh. Both reach the reference's losses."""
     d, exp = job
     one = losses(d / "one")
     copy_until(d / "one", d / "one-then-two", 4)
-    r = launch("train", exp, f"train.checkpoint_dir={d / 'one-then-two'}", "train.mesh=data=2,tensor=4")
+    r = launch("train", exp, f"train.checkpoint_dir={d / 'one-then-two'}", "train.steps=6",
+               "train.mesh=data=2,tensor=4")
     assert r.returncode == 0, r.stderr
     assert f"resumed from {d / 'one-then-two'} step 4" in r.stdout
     assert_losses_match(losses(d / "one-then-two"), one, (5, 6))
-    r = launch("train", exp, f"train.checkpoint_dir={d / 'two-only'}", "train.steps=4")
-    assert r.returncode == 0, r.stderr
-    assert_losses_match(losses(d / "two-only"), one, range(1, 5))
-    assert main(["train", exp, f"train.checkpoint_dir={d / 'two-only'}", "train.mesh=data=4,tensor=2"]) == 0
-    assert_losses_match(losses(d / "two-only"), one, (5, 6))
+
+    run = d / "two-stopped"
+    p = subprocess.Popen([sys.executable, "-m", "glmjax", "launch", "--processes", "2", "--devices-per-process", "4",
+                          "--", "train", exp, f"train.checkpoint_dir={run}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + JOB_TIMEOUT
+    while not (os.path.isfile(run / "metrics.jsonl") and 2 in losses(run)) and time.time() < deadline:
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=JOB_TIMEOUT)
+    assert p.returncode == 0, err
+    stopped = int(out.split("stopped by signal at step ")[1].split(";")[0])
+    assert 2 <= stopped < 12 and max(int(n) for n in os.listdir(run) if n.isdigit()) == stopped
+    assert main(["train", exp, f"train.checkpoint_dir={run}", "train.mesh=data=4,tensor=2"]) == 0
+    assert_losses_match(losses(run), one, range(1, 13))
 
 
 def test_forward_generate_and_convert_in_two_processes(job, tmp_path):
@@ -195,3 +208,29 @@ def test_a_host_of_a_pod_stops_when_another_dies(job):
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == [next(line for line in lines if line.startswith("glmjax: error:"))], err
     assert "another process of the job died" in lines[0]
+
+
+def test_each_launched_process_is_told_how_to_join():
+    from glmjax.launch import LaunchConfig, process_env
+
+    local = LaunchConfig(("train", "x.yaml"), processes=2, devices_per_process=4, heartbeat_timeout_s=7)
+    env = process_env(local, 1, 1234, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_foo"})
+    assert env["GLMJAX_COORDINATOR"] == "127.0.0.1:1234" and env["GLMJAX_PROCESS_ID"] == "1"
+    assert env["GLMJAX_NUM_PROCESSES"] == "2" and env["GLMJAX_HEARTBEAT_TIMEOUT"] == "7"
+    assert env["XLA_FLAGS"] == "--xla_foo --xla_force_host_platform_device_count=4" and env["JAX_PLATFORMS"] == "cpu"
+    pod = process_env(LaunchConfig(("train", "x.yaml")), 0, 1234, {})
+    assert pod["GLMJAX_DISTRIBUTED"] == "1" and "GLMJAX_COORDINATOR" not in pod and "XLA_FLAGS" not in pod
+    given = {"GLMJAX_COORDINATOR": "10.0.0.1:8476", "GLMJAX_NUM_PROCESSES": "4", "GLMJAX_PROCESS_ID": "3"}
+    host = process_env(LaunchConfig(("train", "x.yaml")), 0, 1234, given)
+    assert {k: host[k] for k in given} == given and "GLMJAX_DISTRIBUTED" not in host
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["launch", "--processes", "2"], "launch needs a glmjax command after `--`"),
+    (["launch", "--processes", "0", "--", "info", "--preset", "glm-test"], "--processes must be >= 1"),
+    (["launch", "--", "launch", "--", "info"], "launch cannot launch itself"),
+])
+def test_launch_bad_input_is_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("glmjax: error: ") and message in err[0]
