@@ -72,6 +72,15 @@ def process_env(lc: LaunchConfig, index: int, port: int, base: dict[str, str]) -
     return env
 
 
+def _die_with_parent() -> None:
+    """In a launched process (Linux): SIGKILL when the launcher dies, even by kill -9, so no orphan
+    keeps the job's devices or waits on its peers."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class _Job:
     """The running processes and the threads copying their output."""
 
@@ -84,8 +93,10 @@ class _Job:
         self.ending = False
         port = lc.port or free_port()
         cmd = [sys.executable, "-m", "glmjax", *lc.command]
+        # own sessions: a Ctrl-C reaches the launcher alone, which passes it on as SIGTERM
         self.procs = [subprocess.Popen(cmd, env=process_env(lc, i, port, dict(os.environ)), stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                       preexec_fn=_die_with_parent)
                       for i in range(self.n)]
         self.threads = [threading.Thread(target=self._copy, args=(i, stream, out), daemon=True)
                         for i, p in enumerate(self.procs)
@@ -154,7 +165,8 @@ def _describe(code: int) -> str:
 def run(lc: LaunchConfig) -> int:
     """Start the job and wait for it. The first process to fail ends the others (SIGKILL: without it
     they would wait for the dead one until the heartbeat timeout); SIGINT/SIGTERM to the launcher go
-    to every process (training then saves a checkpoint and stops); returns the job's exit status."""
+    to every process as SIGTERM (training then saves a checkpoint and stops), a second one as
+    SIGKILL; returns the job's exit status."""
     if not lc.command:
         raise InputError("launch needs a glmjax command after `--`, e.g. `glmjax launch --processes 2 -- train x.yaml`")
     if lc.processes is not None and lc.processes < 1:
@@ -164,8 +176,13 @@ def run(lc: LaunchConfig) -> int:
     if lc.command[0] == "launch":
         raise InputError("launch cannot launch itself")
     job = _Job(lc)
-    old = {s: signal.signal(s, lambda signum, frame: job.signal_all(signal.SIGTERM))
-           for s in (signal.SIGINT, signal.SIGTERM)}
+    received = []
+
+    def forward(signum, frame):  # the first signal asks for a checkpoint and a stop; a second insists
+        received.append(signum)
+        job.signal_all(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _watch(job)
     finally:
