@@ -149,3 +149,132 @@ def test_data_cli_prepare_and_inspect(corpus, prepared, tmp_path, capsys):
     cfg.write_text(f"model:\n  preset: glm-130b\ndata:\n  path: {out}\n  sead: 3\n")
     assert main(["data", "inspect", "--config", str(cfg)]) == 2
     assert "unknown data key 'sead'" in capsys.readouterr().err
+
+
+# --- the data path at scale: index as arrays, rows per process, background producer, parallel prepare ---
+def test_epoch_order_and_starts_are_arrays_that_match_the_per_document_reference(prepared):
+    out, _ = prepared
+    shards = pipeline.TokenShards(str(out))
+    assert shards.doc_lengths.dtype == np.uint32 and not any(isinstance(v, list) and len(v) == len(shards)
+                                                         for v in vars(shards).values())
+    cfg = ObjectiveConfig(seq_length=128, window=32)
+    loader = pipeline.GLMLoader(shards, cfg, global_batch=2, seed=11)
+    docs = [shards.document(k) for k in range(len(shards))]
+    for epoch in (0, 1):
+        # the loader before issue 12: a permutation, then a Python list of lengths in that order
+        order = np.random.default_rng([11, 1, epoch]).permutation(len(shards))
+        starts = np.concatenate([[0], np.cumsum([len(docs[k]) + 1 for k in order])])
+        got = loader.epoch_order(epoch)
+        assert got.order.dtype == np.uint32 and got.block_starts.dtype == np.int64
+        np.testing.assert_array_equal(got.order, order)
+        np.testing.assert_array_equal(got.block_starts, np.append(starts[:-1][::pipeline.STARTS_EVERY], starts[-1]))
+        for chunk in range(0, loader.chunks_per_epoch, 7):
+            stream = loader._stream_at(epoch * loader.chunks_per_epoch + chunk)
+            doc = int(np.searchsorted(starts, chunk * cfg.seq_length, side="right") - 1)
+            assert stream.state() == (doc, chunk * cfg.seq_length - int(starts[doc]))
+            np.testing.assert_array_equal(stream.documents[doc], docs[order[doc]])
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 4])
+def test_each_process_builds_only_its_rows_and_together_the_global_batch(prepared, hosts):
+    out, _ = prepared
+    shards = pipeline.TokenShards(str(out))
+    cfg = ObjectiveConfig(seq_length=128, window=32)
+    one = pipeline.GLMLoader(shards, cfg, global_batch=8, seed=2)
+    loaders = [pipeline.GLMLoader(shards, cfg, global_batch=8, seed=2, process_index=h, process_count=hosts)
+               for h in range(hosts)]
+    for position in (0, 8, 21):
+        rows = [list(m.rows_at(position)) for m in loaders]
+        assert sorted(r for rs in rows for r in rs) == list(range(position, position + 8))  # a partition
+        assert all(len(rs) == 8 // hosts for rs in rows)
+        want = one.batch_at(position)
+        parts = [m.batch_at(position) for m in loaders]
+        for k in want:
+            np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), want[k])
+            assert all(p[k].dtype == want[k].dtype for p in parts)
+    one.next_sequence = 16
+    np.testing.assert_array_equal(one.next_batch()["tokens"], one.batch_at(16)["tokens"])
+    assert one.state()["next_sequence"] == 24
+
+
+def _prefetch_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("glmjax-prefetch")]
+
+
+def test_prefetcher_gives_the_synchronous_batches_and_restarts_on_a_jump(prepared):
+    out, _ = prepared
+    loader = pipeline.GLMLoader(pipeline.TokenShards(str(out)), ObjectiveConfig(seq_length=128, window=32),
+                                global_batch=2, seed=4)
+    with pipeline.Prefetcher(loader, stride=2, depth=2) as pre:
+        for position in (0, 2, 4, 6, 40, 42, 4, 6):  # contiguous, a jump ahead, a jump back (a resume)
+            got, want = pre.get(position), loader.batch_at(position)
+            assert set(got) == set(want)
+            for k in want:
+                assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k])
+        assert pre.restarts == 3 and len(_prefetch_threads()) == 1
+    assert not _prefetch_threads()
+    with pytest.raises(RuntimeError, match="closed"):
+        pre.get(8)
+
+
+def test_prefetcher_raises_the_threads_error_as_itself_and_close_ends_the_thread(prepared, monkeypatch):
+    out, _ = prepared
+    loader = pipeline.GLMLoader(pipeline.TokenShards(str(out)), ObjectiveConfig(seq_length=128, window=32),
+                                global_batch=2, seed=4)
+    bad = InputError("corpus shard file tokens-00000.bin is truncated")
+    good = loader.batch_at
+
+    def batch_at(position):
+        if position == 4:
+            raise bad
+        return good(position)
+
+    monkeypatch.setattr(loader, "batch_at", batch_at)
+    pre = pipeline.Prefetcher(loader, stride=2, depth=3)
+    pre.get(0), pre.get(2)
+    with pytest.raises(InputError) as e:
+        pre.get(4)
+    assert e.value is bad and not _prefetch_threads()  # the stream ended with its error
+    np.testing.assert_array_equal(pre.get(6)["tokens"], good(6)["tokens"])  # and a new one starts
+    pre.close()
+    assert not _prefetch_threads()
+    with pytest.raises(InputError, match="stride and depth"):
+        pipeline.Prefetcher(loader, stride=0)
+
+
+def test_prepare_in_two_processes_writes_the_same_bytes(corpus, tmp_path, monkeypatch, capsys):
+    d, tok = corpus
+    monkeypatch.setattr(pipeline, "SHARD_TOKENS", 20000)  # several shards
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 8192)  # many blocks per file, cut inside paragraphs' runs
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        stats = pipeline.prepare([str(d / "*.txt"), str(d / "b.jsonl")], str(d / "tok"), str(out),
+                                 instructions=[str(d / "instr.jsonl")], seq_length=512, workers=workers)
+        runs[workers] = (out, stats, capsys.readouterr().err)
+    (one, s1, err1), (two, s2, err2) = runs[1], runs[2]
+    names = sorted(os.listdir(one))
+    assert names == sorted(os.listdir(two)) and sum(n.startswith("tokens-") for n in names) >= 3
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    assert s1 == s2 and err1 == err2 and err1.count("glmjax: warning:") == 5  # the same warnings, in order
+    assert "b.jsonl:1504: not UTF-8" in err1 and s1.long_documents == 1
+    # and the same documents as reading the files one document at a time
+    ref, stats = [], pipeline.Stats()
+    for path in pipeline.expand_inputs([str(d / "*.txt"), str(d / "b.jsonl")]):
+        ref += [ids for ids in map(tok.encode, pipeline.read_documents(path, stats)) if ids]
+    shards = pipeline.TokenShards(str(one))
+    assert len(shards) == len(ref) and all(shards.document(k).tolist() == ref[k] for k in range(len(ref)))
+    capsys.readouterr()
+
+
+def test_prepare_workers_below_one_is_one_error_line(corpus, tmp_path, capsys):
+    d, _ = corpus
+    assert main(["data", "prepare", "--tokenizer", str(d / "tok"), "--input", str(d / "a.txt"),
+                 "--out", str(tmp_path / "p"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "glmjax: error: --workers must be >= 1, got 0" and not (tmp_path / "p").exists()
+    with pytest.raises(InputError, match="--workers must be an integer >= 1"):
+        pipeline.prepare([str(d / "a.txt")], str(d / "tok"), str(tmp_path / "q"), workers=-1)

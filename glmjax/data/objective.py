@@ -232,13 +232,21 @@ class TokenStream:
         self.documents, self.sep, self.doc, self.offset = documents, sep, doc, offset
 
     def take(self, n: int) -> list[int]:
+        """The next n ids; only the part of a document taken is converted (documents can be long)."""
         out: list[int] = []
         while len(out) < n:
-            d = list(self.documents[self.doc % len(self.documents)]) + [self.sep]
-            piece = d[self.offset:self.offset + n - len(out)]
-            out += piece
-            self.offset += len(piece)
-            if self.offset >= len(d):
+            d = self.documents[self.doc % len(self.documents)]
+            size = len(d) + 1  # + sep
+            if self.offset >= size:
+                self.doc, self.offset = self.doc + 1, 0
+                continue
+            stop = min(self.offset + n - len(out), size)
+            piece = d[self.offset:min(stop, len(d))]
+            out += piece.tolist() if isinstance(piece, np.ndarray) else list(piece)
+            if stop == size:
+                out.append(self.sep)
+            self.offset = stop
+            if self.offset >= size:
                 self.doc, self.offset = self.doc + 1, 0
         return out
 

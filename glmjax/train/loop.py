@@ -121,6 +121,8 @@ class Trainer:
                               "it to every host (or mount the bucket, e.g. with gcsfuse) and give that path")
         shards = pipeline.TokenShards(exp.data.path)
         self.loader = self._loader(shards)
+        # micro-batches come at data_position, + micro_batch, ...: the next ones built while a step runs
+        self.prefetch = pipeline.Prefetcher(self.loader, stride=t.micro_batch, depth=2)
         self.checkpoints = ckpt.TrainCheckpoints(directory, t.keep)
         latest = self.checkpoints.latest_step()
         if latest is not None:
@@ -216,11 +218,10 @@ class Trainer:
         return _from_savable(state), int(meta["data_position"])
 
     def _micro_batches(self, n_micro: int) -> Iterator[dict[str, jax.Array]]:
-        """This process's rows of each micro-batch, made and sent one at a time (only used ones)."""
+        """This process's rows of each micro-batch (built ahead by the prefetcher), sent one at a time."""
         rows = self.exp.train.micro_batch
         for j in range(n_micro):
-            self.loader.next_sequence = self.data_position + j * rows
-            local = self.loader.next_batch()
+            local = self.prefetch.get(self.data_position + j * rows)
             yield {k: jax.make_array_from_process_local_data(self.step_fn.batch_shardings[k],
                                                              np.asarray(v, spec.dtype), spec.shape)
                    for k, v in local.items() for spec in (self.step_fn.batch_specs[k],)}
@@ -229,6 +230,7 @@ class Trainer:
         """One optimizer step; returns its metrics as host numbers."""
         t0 = time.perf_counter()
         in_flight = self.checkpoints.saving()  # a save still being written while this step runs
+        waited = self.prefetch.wait_seconds
         n_micro = optim.batch_size(self.exp.optim, int(self.state.consumed_samples)) // self.exp.train.micro_batch
         alpha = self.exp.model.egs_alpha_at(int(self.state.step))
         self.state, m = self.step_fn(self.state, self._micro_batches(n_micro), n_micro, alpha)
@@ -237,7 +239,7 @@ class Trainer:
         self.data_position += n_micro * self.exp.train.micro_batch
         m.update(step=int(self.state.step), batch_size=n_micro * self.exp.train.micro_batch, step_time=dt,
                  egs_alpha=alpha, tokens_per_s=m["tokens"] / dt, data_position=self.data_position,
-                 checkpoint_in_flight=in_flight)
+                 checkpoint_in_flight=in_flight, data_wait=self.prefetch.wait_seconds - waited)
         if self.peak_tflops:
             tokens = m["batch_size"] * self.exp.objective.seq_length
             m["mfu"] = self.flops_per_token * tokens / dt / (self.peak_tflops * 1e12 * self.mesh.size)
@@ -287,6 +289,7 @@ class Trainer:
                     self.save()
         finally:
             stop.restore()
+            self.prefetch.close()
             self.report.close()
             self.checkpoints.close()
         if stopping:

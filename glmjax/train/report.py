@@ -33,7 +33,7 @@ def device_peak_tflops(device: Any) -> float | None:
 
 
 SCALARS = ("loss", "accuracy", "learning_rate", "grad_norm", "embedding_grad_norm", "loss_scale", "egs_alpha",
-           "tokens_per_s", "step_time", "batch_size", "mfu")
+           "tokens_per_s", "step_time", "data_wait", "batch_size", "mfu")
 
 
 class Reporter:
