@@ -266,10 +266,12 @@ def test_slurm_scripts_refuse_an_uneven_gpu_split_a_missing_experiment_and_runni
     assert r.stdout == "" and len(r.stderr.splitlines()) == 1
 
 
-def test_the_accelerator_extras_pin_jax_to_the_tested_version():
+def test_the_accelerator_extras_pin_jax_to_the_tested_version_and_tpu_brings_buckets():
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(ROOT, "setup.cfg"))
     extras = {k: v.split() for k, v in cfg["options.extras_require"].items()}
     jax = version("jax")
-    assert extras["tpu"] == [f"jax[tpu]=={jax}", "libtpu==0.0.42.1"]
+    # a TPU VM's runs write to gs:// buckets: the bucket extra comes with it
+    assert extras["tpu"] == [f"jax[tpu]=={jax}", "libtpu==0.0.42.1", *extras["gcs"]]
+    assert extras["gcs"] == ["gcsfs>=2024.2", "google-cloud-storage>=2.14"]
     assert extras["cuda12"] == [f"jax[cuda12]=={jax}"] and extras["cuda13"] == [f"jax[cuda13]=={jax}"]
