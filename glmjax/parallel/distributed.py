@@ -77,7 +77,8 @@ def barrier(name: str, timeout_s: int = 24 * 3600) -> None:
     conversion written by process 0) while the others wait."""
     import jax
 
-    if jax.process_count() > 1:
+    if jax.process_count() > 1:  # jax exposes its coordination client only here (multihost_utils'
+        # sync_global_devices is a device all-reduce, which gloo or NCCL time out on long waits)
         from jax._src import distributed as jax_distributed
 
         jax_distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
