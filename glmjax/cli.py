@@ -15,6 +15,7 @@ from typing import Any
 from glmjax import config as C
 from glmjax.errors import GlmjaxError, InputError
 from glmjax.outputs import atomic_file, check_output
+from glmjax.parallel.distributed import HEARTBEAT_TIMEOUT_S
 
 
 def _human(n: float) -> str:
@@ -281,7 +282,7 @@ def job_from_env(env: Mapping[str, str]) -> Any:
     GLMJAX_NUM_PROCESSES, GLMJAX_PROCESS_ID), or GLMJAX_DISTRIBUTED=1 on a pod / cluster (jax finds
     the coordinator in the TPU metadata or the SLURM variables); None: a single process."""
     from glmjax import launch
-    from glmjax.parallel.distributed import HEARTBEAT_TIMEOUT_S, JobConfig
+    from glmjax.parallel.distributed import JobConfig
 
     def number(name: str, default: int | None = None) -> int | None:
         raw = env.get(name)
@@ -526,8 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "joining the pod's or cluster's job)")
     la.add_argument("--devices-per-process", type=int, help="simulated CPU devices per process (CPU only)")
     la.add_argument("--port", type=int, help="coordinator port on 127.0.0.1 (default: a free one)")
-    la.add_argument("--heartbeat-timeout", type=int, default=60,
-                    help="seconds after which a silent process counts as dead (default 60)")
+    la.add_argument("--heartbeat-timeout", type=int, default=HEARTBEAT_TIMEOUT_S,
+                    help=f"seconds after which a silent process counts as dead (default {HEARTBEAT_TIMEOUT_S})")
     la.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the glmjax command and its arguments")
     la.set_defaults(func=cmd_launch)
     tk = sub.add_parser("tokenizer", help="train a GLM tokenizer, or encode/decode with one (stdin -> stdout)")

@@ -173,6 +173,8 @@ def run(lc: LaunchConfig) -> int:
         raise InputError(f"--processes must be >= 1, got {lc.processes}")
     if lc.devices_per_process is not None and lc.devices_per_process < 1:
         raise InputError(f"--devices-per-process must be >= 1, got {lc.devices_per_process}")
+    if lc.heartbeat_timeout_s < 1:
+        raise InputError(f"--heartbeat-timeout must be >= 1 second, got {lc.heartbeat_timeout_s}")
     if lc.command[0] == "launch":
         raise InputError("launch cannot launch itself")
     job = _Job(lc)

@@ -7,7 +7,6 @@ directly. `file://` URLs are local paths.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 from glmjax.errors import InputError
@@ -116,19 +115,6 @@ def copy_tree(src: str, dst: str) -> None:
         makedirs(target)
         for name in files:
             write_bytes(join(target, name), read_bytes(os.path.join(root, name)))
-
-
-def walk_files(path: str) -> Iterator[str]:
-    """Every file under `path`, relative to it (a URL or a path)."""
-    if is_url(path):
-        base = epath(path)
-        for p in base.rglob("*"):
-            if p.is_file():
-                yield str(p.relative_to(base))
-        return
-    for root, _, files in os.walk(path):
-        for name in files:
-            yield os.path.relpath(os.path.join(root, name), path)
 
 
 def kvstore(path: str) -> Any:

@@ -229,6 +229,7 @@ def test_each_launched_process_is_told_how_to_join():
     (["launch", "--processes", "2"], "launch needs a glmjax command after `--`"),
     (["launch", "--processes", "0", "--", "info", "--preset", "glm-test"], "--processes must be >= 1"),
     (["launch", "--", "launch", "--", "info"], "launch cannot launch itself"),
+    (["launch", "--heartbeat-timeout", "0", "--", "info", "--preset", "glm-test"], "--heartbeat-timeout must be"),
 ])
 def test_launch_bad_input_is_one_line(argv, message, capsys):
     assert main(argv) == 2
