@@ -134,10 +134,12 @@ def check_output(path: str, *, directory: bool = False, overwrite: bool = False)
     """
     if not path:
         raise GlmjaxError("empty output path")
-    if "://" in path and not path.startswith("file://"):
+    from glmjax import storage
+
+    if storage.is_url(path):
         raise GlmjaxError(f"output {path}: this command writes to local disk (training runs write to buckets); "
                           "write here, then copy it (e.g. gcloud storage cp -r)")
-    dst = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
+    dst = storage.normalize(path)  # absolute; a file:// URL is its path
     if directory:
         recover_stale(dst)
         _check_dir_destination(dst, overwrite)

@@ -71,14 +71,19 @@ def test_long_documents_are_split_not_dropped(prepared):
     assert any(np.array_equal(seen[s:s + len(doc)], doc) for s in starts)
 
 
+def _loaders(shards, cfg, hosts, seed):
+    """The loader of one process, and the loaders of `hosts` processes, over a global batch of 8."""
+    one = pipeline.GLMLoader(shards, cfg, global_batch=8, seed=seed)
+    return one, [pipeline.GLMLoader(shards, cfg, global_batch=8, seed=seed, process_index=h, process_count=hosts)
+                 for h in range(hosts)]
+
+
 @pytest.mark.parametrize("hosts", [2, 4])
 def test_batches_do_not_depend_on_the_number_of_hosts(prepared, hosts):
     out, _ = prepared
     shards = pipeline.TokenShards(str(out))
     cfg = ObjectiveConfig(seq_length=256, window=64)
-    one = pipeline.GLMLoader(shards, cfg, global_batch=8, seed=5)
-    many = [pipeline.GLMLoader(shards, cfg, global_batch=8, seed=5, process_index=h, process_count=hosts)
-            for h in range(hosts)]
+    one, many = _loaders(shards, cfg, hosts, seed=5)
     for _ in range(3):
         want = one.next_batch()
         parts = [m.next_batch() for m in many]
@@ -180,9 +185,7 @@ def test_each_process_builds_only_its_rows_and_together_the_global_batch(prepare
     out, _ = prepared
     shards = pipeline.TokenShards(str(out))
     cfg = ObjectiveConfig(seq_length=128, window=32)
-    one = pipeline.GLMLoader(shards, cfg, global_batch=8, seed=2)
-    loaders = [pipeline.GLMLoader(shards, cfg, global_batch=8, seed=2, process_index=h, process_count=hosts)
-               for h in range(hosts)]
+    one, loaders = _loaders(shards, cfg, hosts, seed=2)
     for position in (0, 8, 21):
         rows = [list(m.rows_at(position)) for m in loaders]
         assert sorted(r for rs in rows for r in rs) == list(range(position, position + 8))  # a partition
