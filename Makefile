@@ -9,6 +9,10 @@
 #                      throughput [BENCH_TRAIN="--preset glm-1b ..."] (BENCHMARKS.md)
 #   make train [TRAIN_CONFIG=experiments/x.yaml] [ARGS="train.steps=10"]   (resumes automatically)
 #   make generate [CHECKPOINT_DIR=runs/demo/run] [PROMPT="..."] [MESH=...] [QUANTIZE=int8|int4] [ARGS=...]
+#   make plan [TARGET=v4-1024] [EXPERIMENT=experiments/glm-130b-pretrain-tpuv4.yaml] [JSON=plan.json]
+#             [ARGS="--search" | ARGS="--generate --preset glm-130b --quantize int4 --batch 1 --prompt 1024 --new 1024"]
+#             the step (or generation) compiled for a TPU slice, <gpu>x<count> or cpu:N: memory per device,
+#             FLOPs, collectives, roofline; exit 1 when it does not fit (BENCHMARKS.md)
 # Launch targets run gcloud or sbatch from wherever make runs (a laptop, a login node) and never build
 # the local venv; DRY_RUN=1 prints each command exactly as it would run and runs nothing:
 #   make tpu-create TPU_NAME=n ZONE=z [ACCELERATOR_TYPE=v4-8] [RUNTIME_VERSION=tpu-ubuntu2204-base] [PROJECT=p]
@@ -32,18 +36,27 @@ RUN_ENV = $(if $(CPU_MESH),XLA_FLAGS=--xla_force_host_platform_device_count=$(CP
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo info forward convert-sat2orbax convert-orbax2sat bench sat-env clean \
+.PHONY: install install-plan-gpu plan test test-fast lint demo info forward convert-sat2orbax convert-orbax2sat bench sat-env clean \
 	data-pydoc train generate tpu-create tpu-setup tpu-train tpu-logs tpu-stop tpu-delete slurm-train
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,lint]'
+	$(PY) -m pip install --quiet -e '.[test,lint,plan-tpu]'
 	touch $(STAMP)
+
+# the plan-gpu extra's pins (setup.cfg), installed beside the venv: see setup.cfg for why
+PLAN_GPU := $(VENV)/plan-gpu
+PLAN_GPU_PINS := jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
+$(PLAN_GPU)/.installed: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --target $(PLAN_GPU) $(PLAN_GPU_PINS)
+	touch $@
 
 install: $(STAMP)
 
-test: $(STAMP)
+install-plan-gpu: $(PLAN_GPU)/.installed
+
+test: $(STAMP) $(PLAN_GPU)/.installed
 	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -51,6 +64,12 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check glmjax tests tools
+
+# GPU targets are named <gpu>x<count>: only their plans put the CUDA plugin on the path
+plan: $(STAMP) $(PLAN_GPU)/.installed
+	$(if $(findstring x,$(TARGET)),PYTHONPATH=$(PLAN_GPU)) $(PY) -m glmjax plan \
+		$(if $(findstring --generate,$(ARGS)),,$(or $(EXPERIMENT),experiments/glm-130b-pretrain-tpuv4.yaml)) \
+		--target $(or $(TARGET),v4-1024) $(if $(JSON),--json $(JSON)) $(ARGS)
 
 demo: $(STAMP)
 	$(TEST_ENV) $(PY) tools/demo.py

@@ -1,4 +1,4 @@
-"""`glmjax` command line: info | forward | convert | tokenizer | data | train | generate | launch.
+"""`glmjax` command line: info | forward | convert | tokenizer | data | train | generate | launch | plan.
 
 Bad input ends in one `glmjax: error: ...` line and exit status 2. In a job of several processes
 (`glmjax launch`, a pod, a cluster) every process runs the same command; process 0 alone writes
@@ -6,6 +6,7 @@ outputs and prints results."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -271,6 +272,76 @@ def cmd_train(a: argparse.Namespace) -> int:
     return train_main(load_experiment(a.config, a.overrides))
 
 
+def cmd_plan(a: argparse.Namespace) -> int:
+    import json
+
+    import jax
+
+    from glmjax.plan import programs, targets
+
+    target = targets.parse_target(a.target)
+    # libtpu lets one process at a time open it, to own the chips; a plan opens none (compile only)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # a plan compiles and never runs: the local backend is the CPU, with the devices cpu:N asks for
+    # (once jax has started, what it has is what there is, and the target says if that is too few)
+    # and no persistent compilation cache: executables compiled for absent devices cannot be loaded back
+    jax.config.update("jax_enable_compilation_cache", False)
+    with contextlib.suppress(RuntimeError):
+        jax.config.update("jax_platforms", "cpu")
+        if target.chip.platform == "cpu":
+            jax.config.update("jax_num_cpu_devices", target.chips)
+    if a.json:
+        check_output(a.json)
+    if len(a.mesh or []) > 1 and not a.search:
+        raise GlmjaxError("give --mesh once, or several times with --search")
+    if a.generate:
+        plan = _plan_generate(a, target)
+    else:
+        plan = _plan_train(a, target, programs)
+        if plan is None:
+            return 1
+    for line in programs.report(plan):
+        print(line)
+    if a.json:
+        with atomic_file(a.json) as f:
+            json.dump(plan.to_json(), f, indent=1)
+    return 0 if plan.fits else 1
+
+
+def _plan_generate(a: argparse.Namespace, target: Any) -> Any:
+    from glmjax.plan import programs
+
+    if a.search:
+        raise GlmjaxError("--search plans training; --generate plans one batch, prompt and output length")
+    if bool(a.preset) == bool(a.config) or a.inputs and "=" not in a.inputs[0]:
+        raise GlmjaxError("plan --generate takes --preset NAME or --config FILE (and model key=value overrides)")
+    missing = [f"--{k}" for k in ("batch", "prompt", "new") if getattr(a, k) is None]
+    if missing:
+        raise GlmjaxError(f"plan --generate needs {', '.join(missing)}")
+    cfg = C.resolve(a.preset, a.config, a.inputs)
+    return programs.plan_generation(cfg, target, a.batch, a.prompt, a.new, a.quantize, (a.mesh or [None])[0])
+
+
+def _plan_train(a: argparse.Namespace, target: Any, programs: Any) -> Any:
+    from glmjax.experiment import load_experiment
+
+    if not a.inputs or a.preset or a.config or a.quantize or a.batch or a.prompt or a.new:
+        raise GlmjaxError("plan takes EXPERIMENT.yaml [section.key=value ...] (or --generate with --preset/--config, "
+                          "--batch, --prompt, --new)")
+    path, overrides = a.inputs[0], a.inputs[1:]
+    load = lambda more: load_experiment(path, [*overrides, *more])  # noqa: E731
+    if not a.search:
+        return programs.plan_training(load([]), target, (a.mesh or [None])[0])
+    print(f"search: remat policies x micro-batch sizes on {target.name}")
+    best, tried = programs.search(load, target, a.mesh or [None], print)
+    if best is None:
+        print(f"no configuration tried fits on {target.name} ({len(tried)} tried)")
+        return None
+    print(f"fastest predicted that fits: remat {best.setting['remat_policy']}, micro-batch "
+          f"{best.setting['micro_batch']}, mesh {','.join(f'{k}={v}' for k, v in best.mesh.items())}")
+    return best
+
+
 def cmd_launch(a: argparse.Namespace) -> int:
     from glmjax import launch
 
@@ -519,6 +590,28 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="experiment YAML (model:, data:, objective:, optim:, loss_scale:, train:)")
     tr.add_argument("overrides", nargs="*", metavar="section.key=value")
     tr.set_defaults(func=cmd_train)
+    pl = sub.add_parser("plan", help="compile the training step or generation for a target (TPU, GPU, cpu:N) "
+                        "and report memory per device, FLOPs, collectives and a roofline",
+                        description="Nothing runs and nothing is allocated: the real programs are compiled "
+                        "ahead of time for hardware that need not be attached. Exit 1 when it does not fit.")
+    pl.add_argument("inputs", nargs="*", metavar="EXPERIMENT.yaml [section.key=value]",
+                    help="training: the experiment and overrides; --generate: model key=value overrides")
+    pl.add_argument("--target", required=True,
+                    help="v4-512 / v5e-256 / v5p-N / v6e-N (TPU slices), <gpu>x<count> (a100-40gbx768, h100-80gbx8, "
+                         "rtx3090x4, rtx2080tix8, a100-80gbxN), or cpu:N")
+    pl.add_argument("--mesh", action="append", help="mesh (default: the experiment's; --generate: tensor=-1); "
+                    "several with --search")
+    pl.add_argument("--json", help="write the plan as one JSON object")
+    pl.add_argument("--search", action="store_true", help="try remat policies x micro-batch sizes (x each --mesh) "
+                    "and report the fastest predicted one that fits")
+    pl.add_argument("--generate", action="store_true", help="plan generation instead of training")
+    pl.add_argument("--preset", choices=sorted(C.PRESETS), help="--generate: a built-in model")
+    pl.add_argument("--config", help="--generate: a model config or experiment file")
+    pl.add_argument("--quantize", choices=("int8", "int4"), help="--generate: weight-only quantized weights")
+    pl.add_argument("--batch", type=int, help="--generate: prompts per batch")
+    pl.add_argument("--prompt", type=int, help="--generate: prompt tokens")
+    pl.add_argument("--new", type=int, help="--generate: tokens to generate")
+    pl.set_defaults(func=cmd_plan)
     la = sub.add_parser("launch", help="run a glmjax command as one job of several processes",
                         description="Local: --processes N starts N processes on this machine as one "
                         "distributed job (coordinator on 127.0.0.1). On a pod or cluster, without "

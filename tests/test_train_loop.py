@@ -194,7 +194,7 @@ def test_bad_experiments_fail_at_start_with_one_line(experiment, capsys, overrid
 def test_mfu_accounting_reproduces_glm130bs_reported_32_5_percent():
     """GLM-130B: 48 samples/s of 2048 tokens on 768 A100s (312 TFLOPS bf16/fp16 peak) -> MFU 32.5%."""
     from glmjax import config as C
-    from glmjax.train.loop import model_flops_per_token
+    from glmjax.plan.roofline import model_flops_per_token
 
     per_token = model_flops_per_token(C.resolve("glm-130b"), 2048)
     assert per_token == pytest.approx(6 * 128.7e9 + 12 * 70 * 12288 * 2048, rel=0.01)

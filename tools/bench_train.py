@@ -38,9 +38,9 @@ from glmjax import config as C
 from glmjax.errors import GlmjaxError, InputError, MeshError
 from glmjax.model.api import init_params
 from glmjax.parallel.mesh import make_mesh
+from glmjax.plan.roofline import model_flops_per_token
 from glmjax.train import optim, precision
 from glmjax.train import step as S
-from glmjax.train.loop import model_flops_per_token
 from glmjax.train.report import peak_tflops_for
 
 

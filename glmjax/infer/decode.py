@@ -41,7 +41,7 @@ from jax.sharding import Mesh
 
 from glmjax.config import GLMConfig
 from glmjax.errors import InputError
-from glmjax.model.api import data_parallelism, pad_rows, param_shardings
+from glmjax.model.api import abstract_params, data_parallelism, pad_rows, param_shardings
 from glmjax.model.glm import GLM
 from glmjax.model.layouts import SpecialIds, batch_layout
 from glmjax.parallel import distributed, rules
@@ -439,28 +439,43 @@ class Generator:
         beam search, every hypothesis with its penalised score. stream(tokens [b]) is called from
         inside the loop with each step's tokens (greedy and sampling)."""
         a = self._padded(prepared)
-        b, p = a["tokens"].shape
         if a["context_tail"].shape[1] < gc.no_repeat_ngram - 1:
             raise InputError(f"no_repeat_ngram={gc.no_repeat_ngram} needs the batch prepared with "
                              f"prepare(..., no_repeat_ngram={gc.no_repeat_ngram})")
-        # the seed is an argument of the program, not a constant in it: a new seed reuses the program
-        key = ("generate", b, p, dataclasses.replace(gc, seed=0), stream is not None)
-        if key not in self._compiled:
-            loop = functools.partial(self._beam_loop if gc.strategy == "beam" else self._sample_loop,
-                                     stream=stream is not None)
-            self._compiled[key] = jax.jit(lambda params, arrays, kd: loop(params, arrays, gc, key_data=kd),
-                                          in_shardings=(self.p_shard, self._batch_sharding(a), None))
+        program = self._generate_program(a, gc, stream is not None)
         self._sink = stream
         try:
             with jax.set_mesh(self.mesh):
-                out = self._compiled[key](self.params, self._on_mesh(a),
-                                          np.asarray(jax.random.key_data(jax.random.key(gc.seed))))
+                out = program(self.params, self._on_mesh(a), np.asarray(jax.random.key_data(jax.random.key(gc.seed))))
                 jax.block_until_ready(out)
         finally:
             self._sink = None
         out = {k: distributed.to_host(v) for k, v in out.items()}
         rows = prepared.rows
         return {k: (v[:rows] if np.ndim(v) else v) for k, v in out.items()}
+
+    def _generate_program(self, a: dict[str, np.ndarray], gc: GenerateConfig, stream: bool):
+        """The jitted prefill + decode loop for padded arrays `a`, one per (batch, prompt, strategy);
+        the seed is an argument of the program, not a constant in it: a new seed reuses the program."""
+        b, p = a["tokens"].shape
+        key = ("generate", b, p, dataclasses.replace(gc, seed=0), stream)
+        if key not in self._compiled:
+            loop = functools.partial(self._beam_loop if gc.strategy == "beam" else self._sample_loop, stream=stream)
+            self._compiled[key] = jax.jit(lambda params, arrays, kd: loop(params, arrays, gc, key_data=kd),
+                                          in_shardings=(self.p_shard, self._batch_sharding(a), None))
+        return self._compiled[key]
+
+    def lower_generate(self, prepared: Prepared, gc: GenerateConfig) -> jax.stages.Lowered:
+        """The generation program for `prepared` lowered from shapes alone (parameters, batch and key
+        abstract, with their shardings): what `glmjax plan --generate` compiles for a target."""
+        a = self._padded(prepared)
+        params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                              nn.unbox(abstract_params(self.cfg)), self.p_shard)
+        shard = self._batch_sharding(a)
+        arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard[k]) for k, v in a.items()}
+        key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+        with jax.set_mesh(self.mesh):
+            return self._generate_program(a, gc, False).lower(params, arrays, key)
 
     # --- scoring and forced decoding --------------------------------------------------------------
     def prefill(self, prepared: Prepared, steps: int) -> Decoding:

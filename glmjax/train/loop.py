@@ -17,7 +17,6 @@ import numpy as np
 
 from glmjax import checkpoint as ckpt
 from glmjax import storage
-from glmjax.config import GLMConfig
 from glmjax.convert.orbax_format import first_line
 from glmjax.data import pipeline
 from glmjax.errors import CheckpointError, ConfigError, GlmjaxError
@@ -26,6 +25,7 @@ from glmjax.model.api import init_params
 from glmjax.outputs import warn
 from glmjax.parallel import distributed, rules
 from glmjax.parallel.mesh import make_mesh
+from glmjax.plan.roofline import model_flops_per_token
 from glmjax.train import optim, precision
 from glmjax.train import step as S
 from glmjax.train.report import Reporter, device_peak_tflops
@@ -55,17 +55,6 @@ class _Stop:
     def restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-def model_flops_per_token(cfg: GLMConfig, seq_length: int) -> float:
-    """Training FLOPs per token, PaLM's accounting (as MaxText): 6 x the matmul parameters (forward
-    and backward, the embedding lookup excluded, a tied output head counted once) plus 12 x layers x
-    hidden x sequence for the attention scores and the weighted sum. Rematerialisation is not
-    counted, so this is model FLOPs utilisation, not hardware FLOPs."""
-    counts = cfg.param_counts()
-    matmul = sum(v for k, v in counts.items() if k not in ("word_embeddings", "layernorms", "final_layernorm"))
-    matmul += cfg.vocab_size * cfg.hidden_size  # the output head, tied or not
-    return 6.0 * matmul + 12.0 * cfg.num_layers * cfg.hidden_size * seq_length
 
 
 class SpikeGuard:

@@ -108,10 +108,12 @@ def batch_specs(cfg: GLMConfig, rows: int, seq_length: int) -> dict[str, jax.Sha
 
 
 class TrainStep:
-    """The step's two programs compiled once for `mesh`; call(state, micro_batches, egs_alpha)."""
+    """The step's two programs compiled once for `mesh` (XLA `compiler_options` if given); call(state,
+    micro_batches, egs_alpha)."""
 
     def __init__(self, cfg: GLMConfig, optim_cfg: optim.OptimConfig, ls_cfg: precision.LossScaleConfig,
-                 mesh: jax.sharding.Mesh, micro_rows: int, seq_length: int):
+                 mesh: jax.sharding.Mesh, micro_rows: int, seq_length: int,
+                 compiler_options: dict[str, Any] | None = None):
         self.cfg, self.mesh = cfg, mesh
         self.state_shardings = state_shardings(cfg, optim_cfg, ls_cfg, mesh)
         self.batch_shardings = {k: rules.named(mesh, "batch", *((None,) * (len(v.shape) - 1)))
@@ -122,19 +124,21 @@ class TrainStep:
         p_shard = self.state_shardings.params
         self.acc_shardings = Accumulator(p_shard, rep, rep, rep, rep)
         state = _spec(abstract_state(cfg, optim_cfg, ls_cfg), self.state_shardings)
-        acc = _spec(_zero_acc_like(state.params, abstract=True), self.acc_shardings)
+        acc = self.acc_specs = _spec(_zero_acc_like(state.params, abstract=True), self.acc_shardings)
         scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
         accumulate = jax.jit(_accumulate_fn(GLM(cfg)), out_shardings=self.acc_shardings, donate_argnums=(1,))
         update = jax.jit(_update_fn(cfg, optim_cfg, ls_cfg),
                          out_shardings=(self.state_shardings, None, self.acc_shardings), donate_argnums=(0, 1))
         zeros = jax.jit(lambda: _zero_acc_like(state.params), out_shardings=self.acc_shardings)
+        # compiled only, nothing allocated: `glmjax plan` builds this for devices that are not attached
         with jax.set_mesh(mesh):
+            self._zeros = zeros.lower().compile(compiler_options)
             self.programs = {
                 "accumulate": accumulate.lower(state, acc, self.batch_specs, scalar(jnp.int32),
-                                               scalar(jnp.float32)).compile(),
-                "update": update.lower(state, acc).compile(),
+                                               scalar(jnp.float32)).compile(compiler_options),
+                "update": update.lower(state, acc).compile(compiler_options),
             }
-            self._acc = zeros()
+        self._acc: Accumulator | None = None  # the zeroed accumulator, made on the first call
         self._rep = rep
 
     def __call__(self, state: TrainState, micro_batches: Iterable[dict[str, jax.Array]], n_micro: int,
@@ -142,8 +146,10 @@ class TrainStep:
         """One step over `n_micro` micro-batches (global jax.Arrays, sent as they are made)."""
         n = jax.device_put(np.int32(n_micro), self._rep)
         alpha = jax.device_put(np.float32(egs_alpha), self._rep)
-        acc, seen = self._acc, 0
         with jax.set_mesh(self.mesh):
+            if self._acc is None:
+                self._acc = self._zeros()
+            acc, seen = self._acc, 0
             for micro in micro_batches:
                 acc = self.programs["accumulate"](state, acc, micro, n, alpha)
                 seen += 1
