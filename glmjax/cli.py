@@ -282,10 +282,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
     target = targets.parse_target(a.target)
     # libtpu lets one process at a time open it, to own the chips; a plan opens none (compile only)
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # no persistent compilation cache: executables compiled for absent devices cannot be loaded back
+    jax.config.update("jax_enable_compilation_cache", False)
     # a plan compiles and never runs: the local backend is the CPU, with the devices cpu:N asks for
     # (once jax has started, what it has is what there is, and the target says if that is too few)
-    # and no persistent compilation cache: executables compiled for absent devices cannot be loaded back
-    jax.config.update("jax_enable_compilation_cache", False)
     with contextlib.suppress(RuntimeError):
         jax.config.update("jax_platforms", "cpu")
         if target.chip.platform == "cpu":
@@ -297,7 +297,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if a.generate:
         plan = _plan_generate(a, target)
     else:
-        plan = _plan_train(a, target, programs)
+        plan = _plan_train(a, target)
         if plan is None:
             return 1
     for line in programs.report(plan):
@@ -322,8 +322,9 @@ def _plan_generate(a: argparse.Namespace, target: Any) -> Any:
     return programs.plan_generation(cfg, target, a.batch, a.prompt, a.new, a.quantize, (a.mesh or [None])[0])
 
 
-def _plan_train(a: argparse.Namespace, target: Any, programs: Any) -> Any:
+def _plan_train(a: argparse.Namespace, target: Any) -> Any:
     from glmjax.experiment import load_experiment
+    from glmjax.plan import programs
 
     if not a.inputs or a.preset or a.config or a.quantize or a.batch or a.prompt or a.new:
         raise GlmjaxError("plan takes EXPERIMENT.yaml [section.key=value ...] (or --generate with --preset/--config, "

@@ -27,10 +27,13 @@ needs_gpu = pytest.mark.skipif(not HAS_GPU_COMPILER, reason=f"no CUDA plugin in 
 
 @pytest.fixture(autouse=True)
 def _no_persistent_cache():
-    """As `glmjax plan` does: executables compiled for absent devices cannot be read back from a cache."""
-    jax.config.update("jax_enable_compilation_cache", False)
+    """Nothing written to the session's compilation cache (tests/conftest.py): executables compiled
+    for absent devices cannot be read back. (`glmjax plan` turns the cache off before jax uses it;
+    in this process jax has decided already, so writes are stopped by their time threshold.)"""
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
     yield
-    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
 
 
 def _experiment(tmp_path, mesh="data=2,fsdp=2,tensor=2", micro=16, extra="", global_batch=32):

@@ -42,13 +42,14 @@ class Chip:
 
 
 # Sources. TPUs: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (peak bf16 per chip, HBM capacity and
-# bandwidth, ICI bandwidth; v4's per-chip ICI figure is the pod's all-reduce bandwidth, 1.1 PB/s,
-# over its 4096 chips). NVIDIA: the A100 data sheet (312 TFLOP/s dense fp16/bf16, 1,555 / 2,039 GB/s,
-# NVLink 3 600 GB/s both ways), the H100 SXM data sheet (989 TFLOP/s dense bf16, 3.35 TB/s, NVLink 4
-# 900 GB/s both ways), DGX A100 / H100 (one 200 / 400 Gb/s InfiniBand port per GPU); the Ampere GA102
-# whitepaper for the RTX 3090 (82 SMs, 71 TFLOP/s fp16 tensor with fp32 accumulation, 936 GB/s GDDR6X,
-# PCIe 4.0 x16) and the Turing TU102 whitepaper for the RTX 2080 Ti (68 SMs, 53.8 TFLOP/s fp16 with
-# fp32 accumulation, 616 GB/s GDDR6, PCIe 3.0 x16). GeForce hosts are assumed joined by 100 Gb/s
+# bandwidth; ICI per direction = half the bidirectional per-chip figure: v5e 400, v5p 1200, v6e 800
+# GB/s; v4's is the pod's all-reduce bandwidth, 1.1 PB/s, over its 4096 chips).
+# NVIDIA: the A100 data sheet (312 TFLOP/s dense fp16/bf16, 1,555 / 2,039 GB/s, NVLink 3 600 GB/s
+# both ways); the H100 SXM data sheet (989 TFLOP/s dense bf16, 3.35 TB/s, NVLink 4 900 GB/s both
+# ways); DGX A100 / H100 (one 200 / 400 Gb/s InfiniBand port per GPU); the Ampere GA102 whitepaper
+# for the RTX 3090 (82 SMs, 71 TFLOP/s fp16 tensor with fp32 accumulation, 936 GB/s GDDR6X, PCIe
+# 4.0 x16); the Turing TU102 whitepaper for the RTX 2080 Ti (68 SMs, 53.8 TFLOP/s fp16 with fp32
+# accumulation, 616 GB/s GDDR6, PCIe 3.0 x16). GeForce hosts are assumed joined by 100 Gb/s
 # Ethernet. GPU SM counts, shared memory, L2 and clocks are the cards' CUDA device properties.
 _AMPERE_SM80 = dict(core_count=108, fpus_per_core=64, shared_memory_per_core=167936,
                     shared_memory_per_block_optin=166912, threads_per_core_limit=2048,
@@ -57,7 +58,7 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("v4", "tpu", 32 * GiB, 275e12, 1200e9, 268e9, 268e9, 4, "TPU v4", "v4", 2),
     Chip("v5e", "tpu", 16 * GiB, 197e12, 819e9, 200e9, 200e9, 4, "TPU v5 lite", "v5e", 1),
     Chip("v5p", "tpu", 95 * GiB, 459e12, 2765e9, 600e9, 600e9, 4, "TPU v5", "v5p", 2),
-    Chip("v6e", "tpu", 32 * GiB, 918e12, 1640e9, 448e9, 448e9, 4, "TPU v6 lite", "v6e", 1),
+    Chip("v6e", "tpu", 32 * GiB, 918e12, 1638e9, 400e9, 400e9, 4, "TPU v6 lite", "v6e", 1),
     Chip("a100-40gb", "cuda", 40 * GiB, 312e12, 1555e9, 300e9, 25e9, 8, "NVIDIA A100-SXM4-40GB",
          gpu=_AMPERE_SM80),
     Chip("a100-80gb", "cuda", 80 * GiB, 312e12, 2039e9, 300e9, 25e9, 8, "NVIDIA A100-SXM4-80GB",
