@@ -73,8 +73,9 @@ class GLM(nn.Module):
                  deterministic: bool = True, egs_alpha: Array | float | None = None,
                  collect_hidden: bool = False, collect_kv: bool = False,
                  cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
-                 ) -> tuple[Array, dict[str, Any]]:
-        """tokens [b, s]; position_ids [b, s] (or [b, 2, s] with 2-D rotary).
+                 logits: bool = True) -> tuple[Array, dict[str, Any]]:
+        """tokens [b, s]; position_ids [b, s] (or [b, 2, s] with 2-D rotary). With logits=False the
+        final LayerNorm's output [b, s, hidden] comes back instead of the float32 logits.
 
         Attention layout, either compact -- prefix_mask [b, s] bool (True: token belongs to the
         bidirectional context) and optional segment_ids [b, s] (packing; 0 = padding) -- or a dense
@@ -117,6 +118,8 @@ class GLM(nn.Module):
         else:
             head = _param(self, "lm_head", nn.initializers.normal(cfg.embedding_init_std),
                           (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
-        logits = jnp.einsum("bse,ve->bsv", x, head.astype(cdt), preferred_element_type=jnp.float32)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits, per_layer
+        if not logits:  # the final hidden states, for a loss that applies the head itself (train/loss.py)
+            return x, per_layer
+        out = jnp.einsum("bse,ve->bsv", x, head.astype(cdt), preferred_element_type=jnp.float32)
+        out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
+        return out, per_layer

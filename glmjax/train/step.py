@@ -27,7 +27,7 @@ from glmjax.config import GLMConfig
 from glmjax.model.api import abstract_params, param_shardings
 from glmjax.model.glm import GLM
 from glmjax.parallel import rules
-from glmjax.train import optim, precision
+from glmjax.train import loss, optim, precision
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "prefix_mask", "segment_ids")
 
@@ -85,17 +85,16 @@ def init_state(cfg: GLMConfig, params: Any, optim_cfg: optim.OptimConfig, ls_cfg
 
 def _loss(model: GLM, params: Any, micro: dict[str, jax.Array], rng: jax.Array, egs_alpha: jax.Array,
           weight: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    """(mean token NLL x weight, (mean NLL, accuracy, loss tokens)) of one micro-batch."""
-    logits, _ = model.apply({"params": params}, micro["tokens"], micro["position_ids"],
+    """(mean token NLL x weight, (mean NLL, accuracy, loss tokens)) of one micro-batch; the head and
+    the cross-entropy run in sequence chunks (glmjax/train/loss.py), never on the whole logits."""
+    hidden, _ = model.apply({"params": params}, micro["tokens"], micro["position_ids"],
                             prefix_mask=micro["prefix_mask"], segment_ids=micro["segment_ids"],
-                            deterministic=False, egs_alpha=egs_alpha, rngs={"dropout": rng})
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, micro["targets"][..., None], -1)[..., 0]
-    mask = micro["loss_mask"].astype(jnp.float32)
-    count = jnp.maximum(mask.sum(), 1.0)
-    mean = (nll * mask).sum() / count
-    accuracy = ((logits.argmax(-1) == micro["targets"]) * mask).sum() / count
-    return mean * weight, (mean, accuracy, mask.sum())
+                            deterministic=False, egs_alpha=egs_alpha, rngs={"dropout": rng}, logits=False)
+    head = params["word_embeddings"] if model.cfg.tie_word_embeddings else params["lm_head"]
+    sums = loss.token_sums(hidden, head, micro["targets"], micro["loss_mask"])
+    count = jnp.maximum(sums.tokens, 1.0)
+    mean = sums.nll / count
+    return mean * weight, (mean, sums.correct / count, sums.tokens)
 
 
 def batch_specs(cfg: GLMConfig, rows: int, seq_length: int) -> dict[str, jax.ShapeDtypeStruct]:
