@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -302,7 +303,7 @@ def plan_generation(cfg: GLMConfig, target: Target, batch: int, prompt: int, new
     greedy decode steps through the KV cache) for `target`; the mesh defaults to tensor parallel
     over every device, as GLM-130B serves."""
     from glmjax.infer.decode import GenerateConfig, Generator, prepare
-    from glmjax.model.api import param_shardings
+    from glmjax.model.api import abstract_params, param_shardings
     from glmjax.model.layouts import GLM130B_IDS
 
     if batch < 1 or prompt < 1 or new < 1:
@@ -316,7 +317,7 @@ def plan_generation(cfg: GLMConfig, target: Target, batch: int, prompt: int, new
     prepared = prepare(prompts, ids, cfg, new, batch_multiple=mesh.shape["data"] * mesh.shape["fsdp"])
     b, p = prepared.arrays["tokens"].shape
     gen = Generator(cfg, None, mesh)
-    params = device_bytes(_unboxed_params(cfg), param_shardings(cfg, mesh))
+    params = device_bytes(nn.unbox(abstract_params(cfg)), param_shardings(cfg, mesh))
     slots = p + new
     kv_total = 2 * cfg.num_layers * b * slots * cfg.hidden_size * np.dtype(cfg.dtype).itemsize
     kv_device = kv_total // (mesh.shape["tensor"] * mesh.shape["data"] * mesh.shape["fsdp"])
@@ -347,14 +348,6 @@ def plan_generation(cfg: GLMConfig, target: Target, batch: int, prompt: int, new
         prefill_ops = collectives(text, hosts, default_trip=0)
         _generation_bounds(plan, per_token * b, params, kv_device, prefill_ops)
     return plan
-
-
-def _unboxed_params(cfg: GLMConfig) -> Any:
-    import flax.linen as nn
-
-    from glmjax.model.api import abstract_params
-
-    return nn.unbox(abstract_params(cfg))
 
 
 def _generation_bounds(plan: Plan, flops_per_position: float, params: int, kv_device: int,
